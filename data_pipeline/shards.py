@@ -1,0 +1,214 @@
+"""Tokenized shard store: writer (one shard per prepare chunk) and memory-mapped reader.
+
+Layout of one prepared source folder `<out_dir>/<source name>/`:
+    manifest.json          written last; a folder without it (or with "complete" != true) is invalid
+    lengths.npy            int32 [N]   tokens per sample (memory-mapped, never read in full on open)
+    offsets.npy            int64 [N+1] start of each sample in the concatenated token stream
+    tokens-XXXXX.bin       token ids of shard X, uint16 if the vocab fits (<= 65535 ids) else uint32
+    mask-XXXXX.bin         loss mask of shard X as bits (numpy packbits, little bit order)
+Shard X covers global token positions [manifest.shards[X].token_start, + tokens).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from data_pipeline.errors import PreparedDataError
+from data_pipeline.templates import template_spec
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+IGNORE_INDEX = -100
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned dtype that holds every token id."""
+    return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of everything that decides token ids: the backend's full serialisation (vocab, merges,
+    normaliser, pre-tokenizer, added/special tokens), the chat template and the special-token map."""
+    digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+    digest.update(str(getattr(tokenizer, "chat_template", None) or "").encode())
+    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:24]
+
+
+def shard_file(folder: Path, kind: str, shard_id: int) -> Path:
+    ext = "bin"
+    return folder / f"{kind}-{shard_id:05d}.{ext}"
+
+
+@dataclass
+class ShardWriter:
+    """Accumulates encoded samples of one chunk and writes them as one shard."""
+
+    folder: Path
+    shard_id: int
+    dtype: np.dtype
+    _ids: list[np.ndarray] = field(default_factory=list)
+    _masks: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, input_ids: np.ndarray, trained: np.ndarray) -> None:
+        self._ids.append(input_ids)
+        self._masks.append(trained)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self._ids)
+
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(x) for x in self._ids), dtype=np.int32, count=len(self._ids))
+
+    def close(self) -> int:
+        """Write the shard (nothing when empty); return the number of tokens written."""
+        if not self._ids:
+            return 0
+        ids = np.concatenate(self._ids)
+        if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(self.dtype).max):
+            raise PreparedDataError(f"token id {int(ids.max())} does not fit {self.dtype}", field="vocab_size")
+        ids.astype(self.dtype).tofile(shard_file(self.folder, "tokens", self.shard_id))
+        np.packbits(np.concatenate(self._masks), bitorder="little").tofile(shard_file(self.folder, "mask", self.shard_id))
+        return int(ids.size)
+
+
+def write_index(folder: Path, lengths: np.ndarray) -> None:
+    np.save(folder / "lengths.npy", lengths.astype(np.int32))
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    np.save(folder / "offsets.npy", offsets)
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Written last and atomically (temp file + rename), so a half-written manifest never exists."""
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(dict(manifest, complete=True), ensure_ascii=False, indent=1), encoding="utf-8")
+    tmp.replace(folder / MANIFEST)
+
+
+def read_manifest(folder: Path) -> Optional[dict[str, Any]]:
+    """The manifest of a complete prepared folder, or None if absent, unreadable or incomplete."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("complete") is not True:
+        return None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        return None
+    return manifest
+
+
+class ShardedSource:
+    """A prepared source opened for reading: implements spec.SampleSource.
+
+    Opening reads only the manifest and memory-maps the index; shard files are mapped on first use.
+    """
+
+    def __init__(self, folder: str | Path, name: Optional[str] = None) -> None:
+        self.folder = Path(folder)
+        manifest = read_manifest(self.folder)
+        if manifest is None:
+            raise PreparedDataError("no complete manifest.json (preparation missing or interrupted); run prepare",
+                                    file=str(self.folder), field=MANIFEST, reason="not_prepared")
+        self.manifest = manifest
+        self.name = name or manifest["source"]
+        self._dtype = np.dtype(manifest["token_dtype"])
+        self._shard_ids = [s["id"] for s in manifest["shards"]]
+        self._shard_starts = np.array([s["token_start"] for s in manifest["shards"]], dtype=np.int64)
+        num = int(manifest["counts"]["samples"])
+        if num:
+            self._lengths = np.load(self.folder / "lengths.npy", mmap_mode="r")
+            self._offsets = np.load(self.folder / "offsets.npy", mmap_mode="r")
+        else:
+            self._lengths = np.zeros(0, dtype=np.int32)
+            self._offsets = np.zeros(1, dtype=np.int64)
+        if len(self._lengths) != num:
+            raise PreparedDataError(f"lengths.npy has {len(self._lengths)} entries, manifest says {num}",
+                                    file=str(self.folder / "lengths.npy"), reason="corrupt_prepared")
+        self._maps: dict[int, tuple[np.memmap, np.memmap]] = {}
+
+    def __len__(self) -> int:
+        return len(self._lengths)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self._lengths
+
+    def _shard(self, position: int) -> tuple[int, np.memmap, np.memmap]:
+        k = int(np.searchsorted(self._shard_starts, position, side="right")) - 1
+        if k not in self._maps:
+            sid = self._shard_ids[k]
+            self._maps[k] = (np.memmap(shard_file(self.folder, "tokens", sid), dtype=self._dtype, mode="r"),
+                             np.memmap(shard_file(self.folder, "mask", sid), dtype=np.uint8, mode="r"))
+        return (k, *self._maps[k])
+
+    def get_tokens_and_mask(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids int64 [n], trained bool [n]) of sample `index`."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} out of range for source {self.name!r} with {len(self)} samples")
+        start, end = int(self._offsets[index]), int(self._offsets[index + 1])
+        k, tokens, mask = self._shard(start)
+        local = start - int(self._shard_starts[k])
+        n = end - start
+        ids = np.asarray(tokens[local:local + n], dtype=np.int64)
+        first_byte, bit = divmod(local, 8)
+        bits = np.unpackbits(mask[first_byte:(local + n + 7) // 8], bitorder="little")[bit:bit + n]
+        return ids, bits.astype(bool)
+
+    def get(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        ids, trained = self.get_tokens_and_mask(index)
+        return ids, np.where(trained, ids, IGNORE_INDEX)
+
+
+def prepared_settings(spec, data_cfg, tokenizer) -> dict[str, Any]:
+    """The settings that decide a prepared source's content (besides inputs and tokenizer).
+    prepare reuses shards only when these match; open_prepared refuses them otherwise."""
+    template = template_spec(data_cfg.template, tokenizer)
+    return {
+        "format": spec.format,
+        "text_field": spec.text_field,
+        "template": template.name,
+        "template_fingerprint": template.fingerprint(),
+        "train_on": data_cfg.train_on,
+        "seq_len": data_cfg.seq_len,
+        "truncation": data_cfg.truncation,
+        "on_error": data_cfg.on_error,
+    }
+
+
+def source_folder(out_dir: str | Path, source_name: str) -> Path:
+    return Path(out_dir) / source_name
+
+
+def open_prepared(data_cfg, tokenizer, out_dir: str | Path) -> list[ShardedSource]:
+    """Open every source of data_cfg (same order) from out_dir, refusing shards that were prepared
+    with another tokenizer or other token-level settings (template, train_on, seq_len, truncation)."""
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    opened = []
+    for i, spec in enumerate(data_cfg.sources):
+        folder = source_folder(out_dir, spec.name)
+        source = ShardedSource(folder, spec.name)
+        found = source.manifest.get("tokenizer_fingerprint")
+        if found != fingerprint:
+            raise PreparedDataError(
+                f"source {spec.name!r} was prepared with tokenizer {found}, but this tokenizer is {fingerprint}; "
+                "re-run prepare with this tokenizer", file=str(folder / MANIFEST), field="tokenizer_fingerprint",
+                reason="tokenizer_mismatch")
+        wanted = prepared_settings(spec, data_cfg, tokenizer)
+        stored = source.manifest.get("settings", {})
+        for key, value in wanted.items():
+            if stored.get(key) != value:
+                raise PreparedDataError(
+                    f"source {spec.name!r} was prepared with {key}={stored.get(key)!r}, the config asks for {value!r}; "
+                    "re-run prepare", file=str(folder / MANIFEST), field=f"data.sources[{i}] / settings.{key}",
+                    reason="settings_mismatch")
+        opened.append(source)
+    return opened

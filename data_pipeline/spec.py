@@ -1,0 +1,132 @@
+"""Typed description of the data side of a run: sources and how they are tokenized and mixed.
+
+These dataclasses are the contract between the run config (engine/config.py composes them) and
+the data pipeline. They live here, not in engine/, because data_pipeline never imports engine.
+Every field's docstring (the string literal under it) becomes the help text of the CLI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Protocol
+
+FORMATS = ("auto", "alpaca", "sharegpt", "messages", "text")
+TRAIN_ON = ("all_assistant", "last_assistant", "everything")
+TRUNCATION = ("truncate_prompt", "drop")
+ON_ERROR = ("strict", "skip")
+
+
+class DataConfigError(ValueError):
+    """A data-side setting is invalid. The message names the config key."""
+
+
+@dataclass
+class SourceSpec:
+    """One data source: a file, folder, glob or fsspec URL holding records of one format."""
+
+    name: str = ""
+    """Short unique name of the source; used for shard folders and per-source metrics."""
+    path: str = ""
+    """File, folder, glob or fsspec URL (s3://, gs://, hf://, ...). `builtin:zh_demo` is the
+    project's own generated Chinese demo set."""
+    format: str = "auto"
+    """Record format: auto, alpaca, sharegpt, messages (OpenAI role/content) or text."""
+    proportion: Optional[float] = None
+    """Mixture weight (relative; normalised over the sources that give one)."""
+    repeat: Optional[float] = None
+    """Epochs over this source in the run (e.g. 2.0 means every sample twice)."""
+    choose: Optional[int] = None
+    """Exact number of samples to draw from this source over the run."""
+    text_field: str = "text"
+    """For format=text with JSON records: the field that holds the document."""
+    eval_fraction: float = 0.0
+    """Fraction of this source held out for evaluation (0 = none)."""
+
+    def validate(self, key: str) -> None:
+        if not self.name:
+            raise DataConfigError(f"{key}.name: every source needs a name")
+        if not self.path:
+            raise DataConfigError(f"{key}.path: source {self.name!r} has no path")
+        if self.format not in FORMATS:
+            raise DataConfigError(f"{key}.format: {self.format!r} is not one of {FORMATS}")
+        given = [k for k in ("proportion", "repeat", "choose") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise DataConfigError(
+                f"{key}: source {self.name!r} sets {' and '.join(given)}; give at most one of "
+                "proportion, repeat, choose"
+            )
+        for k in ("proportion", "repeat"):
+            v = getattr(self, k)
+            if v is not None and not v > 0:
+                raise DataConfigError(f"{key}.{k}: must be > 0, got {v}")
+        if self.choose is not None and self.choose <= 0:
+            raise DataConfigError(f"{key}.choose: must be > 0, got {self.choose}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise DataConfigError(f"{key}.eval_fraction: must be in [0, 1), got {self.eval_fraction}")
+
+
+@dataclass
+class DataConfig:
+    """How raw sources become token ids, loss masks and batches."""
+
+    sources: list[SourceSpec] = field(default_factory=list)
+    """The training sources (see SourceSpec)."""
+    template: str = "auto"
+    """Chat template: auto (the tokenizer's own, else chatml), chatml, qwen, llama3, chatglm,
+    zh_plain (指令/回答), or a path to a Jinja file."""
+    train_on: str = "all_assistant"
+    """Which tokens train: all_assistant, last_assistant, or everything."""
+    seq_len: int = 1024
+    """Tokens per training sequence (the packing length, and the truncation limit)."""
+    truncation: str = "truncate_prompt"
+    """Over-long samples: truncate_prompt (cut the prompt side first) or drop."""
+    on_error: str = "skip"
+    """Bad records: strict (stop at the first, naming file/line/field) or skip (count, report)."""
+    packing: bool = True
+    """Pack several samples into one sequence (no attention across samples)."""
+    seed: int = 1234
+    """Seed of the mixture schedule and shuffles."""
+    prepared_dir: str = ""
+    """Where tokenized shards go; empty = <run_dir>/data. Shards are reused when inputs match."""
+    num_proc: int = 0
+    """Processes for `prepare`; 0 = all cores."""
+    log_sample_ids: bool = False
+    """Debug: write per step the global sample ids each rank consumed (jsonl in the run dir)."""
+
+    def validate(self, key: str = "data") -> None:
+        if not self.sources:
+            raise DataConfigError(f"{key}.sources: at least one source is required")
+        names = set()
+        for i, s in enumerate(self.sources):
+            s.validate(f"{key}.sources[{i}]")
+            if s.name in names:
+                raise DataConfigError(f"{key}.sources[{i}].name: duplicate source name {s.name!r}")
+            names.add(s.name)
+        for k, allowed in (("train_on", TRAIN_ON), ("truncation", TRUNCATION), ("on_error", ON_ERROR)):
+            if getattr(self, k) not in allowed:
+                raise DataConfigError(f"{key}.{k}: {getattr(self, k)!r} is not one of {allowed}")
+        if self.seq_len < 8:
+            raise DataConfigError(f"{key}.seq_len: must be >= 8, got {self.seq_len}")
+
+
+class SampleSource(Protocol):
+    """What the mixture/stream side needs from one prepared (tokenized) source.
+
+    Implemented by data_pipeline.shards.ShardedSource (memory-mapped shards on disk) and by
+    small in-memory fakes in tests. Samples are addressed by a dense index 0..len-1.
+    """
+
+    name: str
+
+    def __len__(self) -> int: ...
+
+    @property
+    def lengths(self):  # numpy int array [len]: tokens per sample, without reading the samples
+        ...
+
+    def get(self, index: int):
+        """Return (input_ids, labels) as 1-D numpy int arrays of equal length.
+
+        labels[t] == input_ids[t] where token t is trained, -100 elsewhere. Labels are NOT
+        shifted: the loss shifts them once (engine/loss.py)."""
+        ...

@@ -1,0 +1,400 @@
+"""The run config: typed dataclasses loaded from YAML, with `key.sub=value` command-line overrides.
+
+One YAML file describes a run. Every field is documented by the string literal under it; those
+strings are what `launcher/run.py --help-config` prints. Unknown keys are an error that names the
+key and suggests the nearest valid one, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from data_pipeline.spec import DataConfig, DataConfigError, SourceSpec
+
+
+class ConfigError(ValueError):
+    """The run config is invalid. The message names the offending key."""
+
+
+@dataclass
+class FromScratchConfig:
+    """A small Llama-style architecture, for models trained from scratch."""
+
+    hidden_size: int = 256
+    """Width of the residual stream."""
+    num_hidden_layers: int = 4
+    """Number of transformer blocks."""
+    num_attention_heads: int = 4
+    """Attention heads."""
+    num_key_value_heads: int = 4
+    """Key/value heads (fewer than attention heads = grouped-query attention)."""
+    intermediate_size: int = 688
+    """Width of the SwiGLU MLP."""
+    max_position_embeddings: int = 2048
+    """Longest sequence the rotary embedding is set up for."""
+    tie_word_embeddings: bool = True
+    """Share the input embedding and the lm_head weight (common for small models)."""
+    rope_theta: float = 10000.0
+    """Rotary embedding base."""
+
+
+@dataclass
+class ModelConfig:
+    """Which causal LM to train."""
+
+    path: str = ""
+    """Local directory of a pretrained HF model (config.json + weights). Empty = from scratch."""
+    from_scratch: FromScratchConfig = field(default_factory=FromScratchConfig)
+    """Architecture used when `path` is empty."""
+    dtype: str = "fp32"
+    """Training precision: fp32, bf16 or fp16 (bf16/fp16 enable DeepSpeed mixed precision)."""
+    trust_remote_code: bool = False
+    """Allow custom modelling code shipped with the model directory. Off unless you trust it."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: sdpa, eager, or flash_attention_2 (GPU)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+
+
+@dataclass
+class TokenizerConfig:
+    """Where the tokenizer comes from."""
+
+    path: str = ""
+    """Tokenizer directory. Empty: the model's own (model.path), or, from scratch, train one."""
+    vocab_size: int = 2000
+    """Vocabulary size when a byte-level BPE tokenizer is trained on the run's own text."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and batch geometry."""
+
+    kind: str = "sft"
+    """What this stage is: sft (response tokens only, small lr) or cpt (continued pretraining)."""
+    micro_batch_size: int = 4
+    """Sequences per rank per forward/backward."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step over all ranks = micro * grad_accum * world size."""
+    max_steps: int = 100
+    """Optimizer steps in the run."""
+    lr: float = 2e-5
+    """Peak learning rate. SFT usually wants ~10% of the pretraining lr."""
+    pretrain_lr: Optional[float] = None
+    """The lr the base model was pretrained with, if known; used to check `lr` for SFT."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: Optional[int] = None
+    """Linear warmup steps. Default: 3% of max_steps for sft, 1% for cpt (at least 1)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    seed: int = 42
+    """Seed for model init and dropout."""
+    deepspeed: str = "configs/ds/zero2.json"
+    """DeepSpeed config template; its "auto" fields are filled from this config."""
+    optimizer_impl: str = "auto"
+    """AdamW implementation: auto (fused on GPU, torch on CPU), torch, fused, or cpu_adam."""
+    loss_backend: str = "auto"
+    """Masked linear cross-entropy backend: auto (Triton on CUDA, torch elsewhere), torch, triton."""
+    stop_at_step: Optional[int] = None
+    """End this job after this step (with a checkpoint) without changing the lr schedule, which
+    still runs to max_steps; the next launch resumes. For jobs shorter than the whole run."""
+
+
+@dataclass
+class CheckpointConfig:
+    """When and how checkpoints are written."""
+
+    every_steps: int = 0
+    """Save every N steps (0 = only at the end)."""
+    keep_last: int = 2
+    """Keep the newest K checkpoints; older ones are deleted after a newer one is complete."""
+    resume: str = "auto"
+    """auto (continue from the newest complete checkpoint in run_dir), none, or a checkpoint dir."""
+    export_at_end: bool = True
+    """Export the final model to <run_dir>/export as a HF directory."""
+    export_dtype: str = "auto"
+    """dtype of the exported weights: auto (the training dtype), fp32, bf16 or fp16."""
+
+
+@dataclass
+class LogConfig:
+    """What is logged, where and how often."""
+
+    every_steps: int = 1
+    """Write scalars every N steps."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under <run_dir>/tb."""
+    sample_prompts: list[str] = field(default_factory=list)
+    """Prompts answered greedily before and after training (and every sample_every steps)."""
+    sample_every: int = 0
+    """Generate answers for sample_prompts every N steps into TensorBoard text (0 = only ends)."""
+    sample_max_new_tokens: int = 48
+    """Length limit of generated sample answers."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one device for MFU; 0 = detect (known GPUs) or skip MFU."""
+
+
+@dataclass
+class RunConfig:
+    """A whole run: model, tokenizer, data, training, checkpoints and logging."""
+
+    run_dir: str = "runs/default"
+    """Everything the run writes goes here: tokenized data, checkpoints, TensorBoard, export."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    world_size: Optional[int] = None
+    """Expected number of ranks; when set, a launch with another world size fails fast."""
+    dist_timeout_minutes: float = 30.0
+    """Timeout of collective operations."""
+
+    def validate(self) -> None:
+        _one_of("model.dtype", self.model.dtype, ("fp32", "bf16", "fp16"))
+        _one_of("train.kind", self.train.kind, ("sft", "cpt"))
+        _one_of("train.optimizer_impl", self.train.optimizer_impl, ("auto", "torch", "fused", "cpu_adam"))
+        _one_of("train.loss_backend", self.train.loss_backend, ("auto", "torch", "triton"))
+        if self.train.stop_at_step is not None and not 1 <= self.train.stop_at_step <= self.train.max_steps:
+            raise ConfigError(f"train.stop_at_step: must be in [1, train.max_steps], got {self.train.stop_at_step}")
+        _one_of("checkpoint.export_dtype", self.checkpoint.export_dtype, ("auto", "fp32", "bf16", "fp16"))
+        for key in ("train.micro_batch_size", "train.global_batch_size", "train.max_steps"):
+            if _get(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {_get(self, key)}")
+        if not self.train.lr > 0:
+            raise ConfigError(f"train.lr: must be > 0, got {self.train.lr}")
+        if self.train.warmup_steps is not None and not 0 <= self.train.warmup_steps <= self.train.max_steps:
+            raise ConfigError(f"train.warmup_steps: must be in [0, train.max_steps], got {self.train.warmup_steps}")
+        if self.checkpoint.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last: must be >= 1, got {self.checkpoint.keep_last}")
+        if not self.model.path and self.tokenizer.vocab_size < 300:
+            raise ConfigError("tokenizer.vocab_size: a byte-level BPE needs >= 300 (256 bytes + specials)")
+        try:
+            self.data.validate("data")
+        except DataConfigError as e:
+            raise ConfigError(str(e)) from None
+
+    @property
+    def warmup_steps(self) -> int:
+        if self.train.warmup_steps is not None:
+            return self.train.warmup_steps
+        share = 0.03 if self.train.kind == "sft" else 0.01
+        return max(1, round(share * self.train.max_steps))
+
+
+def _one_of(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# dict -> dataclass, strictly typed
+
+
+def _build(cls: type, data: Any, key: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking every key and value type."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        full = f"{key}.{k}" if key else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {(key + '.' if key else '') + close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {full!r}{hint}")
+        kwargs[k] = _coerce(hints[k], v, full)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# YAML + overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (['train', 'lr'], 0.0001). The value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r}: malformed key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
+    return key.split("."), value
+
+
+def _apply_override(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        m = _index_part(part)
+        if m is not None:  # sources[1]
+            name, idx = m
+            seq = node.setdefault(name, [])
+            if not isinstance(seq, list) or idx >= len(seq):
+                raise ConfigError(f"override {'.'.join(path)}: {name}[{idx}] does not exist")
+            node = seq[idx]
+        else:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
+            node = nxt
+    node[path[-1]] = value
+
+
+def _index_part(part: str) -> Optional[tuple[str, int]]:
+    if part.endswith("]") and "[" in part:
+        name, idx = part[:-1].split("[", 1)
+        if idx.isdigit():
+            return name, int(idx)
+    return None
+
+
+def load_config(path: Optional[str | Path], overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config, apply `key.sub=value` overrides, build and validate it."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for text in overrides:
+        keys, value = parse_override(text)
+        _apply_override(tree, keys, value)
+    cfg = _build(RunConfig, tree, "")
+    cfg.validate()
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# field docs -> help text
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (the litgpt convention)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def config_help(cls: type = RunConfig, prefix: str = "") -> str:
+    """Every config key with its default and documentation, one per line."""
+    lines = []
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"{key}:  {(tp.__doc__ or '').strip()}")
+            lines.append(config_help(tp, key + "."))
+            continue
+        if typing.get_origin(tp) is list and inner:
+            lines.append(f"{key}: list of  {docs.get(f.name, '')}")
+            lines.append(config_help(inner[0], key + "[i]."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        )
+        lines.append(f"{key} = {default!r}  {docs.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "CheckpointConfig", "ConfigError", "DataConfig", "FromScratchConfig", "LogConfig",
+    "ModelConfig", "RunConfig", "SourceSpec", "TokenizerConfig", "TrainConfig",
+    "config_help", "field_docs", "load_config", "parse_override", "to_dict",
+]

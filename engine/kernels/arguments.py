@@ -1,0 +1,67 @@
+"""Validation of masked_linear_cross_entropy arguments, and the kept-row selection.
+
+Each check raises KernelArgumentError naming the argument, since a wrong shape here would
+otherwise surface as an opaque matmul error deep inside a chunk loop.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from engine.kernels.errors import KernelArgumentError
+from engine.kernels.mixed_precision_matmul import SUPPORTED_DTYPES
+
+
+def check_arguments(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    chunk_size: Optional[int],
+) -> None:
+    """Shapes, dtypes and devices of the inputs; raise KernelArgumentError on the first mismatch."""
+    if hidden.dim() != 2:
+        raise KernelArgumentError(f"hidden: expected [N, d], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise KernelArgumentError(
+            f"weight: expected [V, {hidden.shape[1]}] to match hidden [N, d], got {tuple(weight.shape)}"
+        )
+    if labels.shape != (hidden.shape[0],):
+        raise KernelArgumentError(f"labels: expected shape ({hidden.shape[0]},), got {tuple(labels.shape)}")
+    if labels.dtype not in (torch.int32, torch.int64):
+        raise KernelArgumentError(f"labels: expected int32 or int64, got {labels.dtype}")
+    if hidden.dtype not in SUPPORTED_DTYPES or weight.dtype != hidden.dtype:
+        raise KernelArgumentError(
+            f"hidden/weight dtypes {hidden.dtype}/{weight.dtype}: both must be one of {SUPPORTED_DTYPES}"
+        )
+    devices = {hidden.device, weight.device, labels.device}
+    if bias is not None:
+        if bias.shape != (weight.shape[0],) or bias.dtype != hidden.dtype:
+            raise KernelArgumentError(
+                f"bias: expected shape ({weight.shape[0]},) and dtype {hidden.dtype}, "
+                f"got {tuple(bias.shape)} {bias.dtype}"
+            )
+        devices.add(bias.device)
+    if len(devices) != 1:
+        raise KernelArgumentError(f"hidden, weight, labels, bias: all on one device, got {devices}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise KernelArgumentError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
+
+
+def select_kept_rows(labels: torch.Tensor, ignore_index: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of rows with a target (label != ignore_index) and their int64 labels.
+
+    One host sync (nonzero) is unavoidable: the number of kept rows sizes everything after it.
+    """
+    kept_rows = torch.nonzero(labels != ignore_index).squeeze(1)
+    kept_labels = labels.index_select(0, kept_rows).to(torch.int64)
+    if kept_labels.numel() > 0:
+        low, high = torch.stack([kept_labels.min(), kept_labels.max()]).tolist()
+        if low < 0 or high >= vocab_size:
+            raise KernelArgumentError(
+                f"labels: values must be ignore_index ({ignore_index}) or in [0, {vocab_size}), "
+                f"found range [{low}, {high}]"
+            )
+    return kept_rows, kept_labels

@@ -1,0 +1,382 @@
+"""The training run: setup -> train -> cleanup, the step loop readable top to bottom.
+
+One optimizer step:
+  1. the data stream hands this rank its micro-batches of the next global batch;
+  2. one all-reduce sums the response-token count of the whole global batch (and a stop flag);
+  3. each micro-batch's loss is sum(response-token CE) / global count (engine/loss.py), so the
+     step's gradient is exactly that of the global token mean, whatever the split;
+  4. DeepSpeed's backward/step; per-source sums are all-reduced once for logging.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from data_pipeline.accounting import consumed_sample_ids, source_counts
+from data_pipeline.prepare import prepare_sources
+from data_pipeline.shards import open_prepared
+from data_pipeline.stream import SFTStream
+from data_pipeline.tokenizer import is_complete_tokenizer_dir, load_tokenizer, train_bpe_tokenizer
+from engine import checkpoint
+from engine.config import RunConfig, to_dict
+from engine.ds_config import build_ds_config
+from engine.export import export_hf
+from engine.loss import CausalLMWithMaskedLoss, count_targets, scaled_for_deepspeed
+from engine.model import build_model, count_parameters
+from engine.monitor import Monitor, flops_per_token, memory_scalars, mfu
+from engine.rules import check_rules_of_thumb
+
+PREEMPTED = "PREEMPTED"
+MODEL_INPUT_KEYS = ("input_ids", "labels", "attention_mask", "position_ids", "source_index")
+
+
+@dataclass
+class StepTotals:
+    """Per-source sums over the whole global batch (all ranks, all micro-batches)."""
+
+    loss_sum: list[float]
+    response_tokens: list[int]
+    samples: list[int]
+    tokens: list[int]
+
+    @classmethod
+    def all_reduced(cls, loss_sums: torch.Tensor, counts: dict[str, list[int]]) -> "StepTotals":
+        n = len(loss_sums)
+        packed = torch.cat([loss_sums.double(), torch.tensor(
+            counts["response_tokens"] + counts["samples"] + counts["tokens"], dtype=torch.float64)])
+        if dist.is_initialized():
+            dist.all_reduce(packed)  # one collective for every per-source figure
+        v = packed.tolist()
+        ints = [int(round(x)) for x in v[n:]]
+        return cls(v[:n], ints[:n], ints[n:2 * n], ints[2 * n:])
+
+    @property
+    def loss(self) -> float:
+        return sum(self.loss_sum) / max(sum(self.response_tokens), 1)
+
+    def describe(self, names: list[str]) -> str:
+        return ", ".join(f"{name}={s / max(c, 1):.4g}" for name, s, c in zip(names, self.loss_sum, self.response_tokens))
+
+
+@dataclass
+class Ranks:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+class StopRequested(Exception):
+    pass
+
+
+def _is_main(r: Ranks) -> bool:
+    return r.rank == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# setup
+
+
+def setup_tokenizer(cfg: RunConfig, run_dir: Path, ranks: Ranks):
+    """The model's tokenizer, a given directory, or (from scratch) one trained on the run's text."""
+    if cfg.tokenizer.path:
+        return load_tokenizer(cfg.tokenizer.path, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.model.path:
+        return load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    tok_dir = run_dir / "tokenizer"
+    if _is_main(ranks) and not is_complete_tokenizer_dir(tok_dir):
+        from data_pipeline.corpus import iter_texts
+
+        texts = iter_texts(cfg.data.sources, cache_dir=run_dir / "raw")
+        train_bpe_tokenizer(texts, cfg.tokenizer.vocab_size, tok_dir)
+    _barrier()
+    return load_tokenizer(tok_dir)
+
+
+def setup_data(cfg: RunConfig, tokenizer, run_dir: Path, ranks: Ranks, monitor: Monitor):
+    out_dir = Path(cfg.data.prepared_dir) if cfg.data.prepared_dir else run_dir / "data"
+    if _is_main(ranks):
+        # Rank 0 tokenizes (idempotent: reused when inputs, tokenizer and settings match); the
+        # others wait and then memory-map the shards. run_dir must be on storage all nodes see.
+        prepare_sources(cfg.data, tokenizer, out_dir, show_progress=True)
+    _barrier()
+    sources = open_prepared(cfg.data, tokenizer, out_dir)
+    return sources
+
+
+def setup_engine(cfg: RunConfig, model, ranks: Ranks, repo_root: Path):
+    import deepspeed
+
+    on_cuda = torch.cuda.is_available()
+    ds_config = build_ds_config(cfg, ranks.world_size, on_cuda=on_cuda, base_dir=repo_root)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+    return engine, ds_config
+
+
+# ----------------------------------------------------------------------------------------------
+# samples
+
+
+def generate_answers(engine, tokenizer, prompts: list[str], max_new_tokens: int, zero_stage: int) -> list[str]:
+    """Greedy answers to chat prompts. Every rank calls this (ZeRO-3 gathers collectively)."""
+    lm = engine.module.lm
+    was_training = lm.training
+    lm.eval()
+    answers = []
+    device = engine.device
+    for prompt in prompts:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"].to(device)
+        with torch.no_grad():
+            out = lm.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                synced_gpus=zero_stage == 3 and dist.is_initialized() and dist.get_world_size() > 1,
+            )
+        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    if was_training:
+        lm.train()
+    return answers
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, ranks: Ranks, repo_root: Path):
+        self.cfg = cfg
+        self.ranks = ranks
+        self.repo_root = repo_root
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self._stop_signal: Optional[int] = None
+
+    # -- setup ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg, ranks = self.cfg, self.ranks
+        if _is_main(ranks):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            for warning in check_rules_of_thumb(cfg):
+                print(f"warning: {warning}", flush=True)
+        _barrier()
+        self.tokenizer = setup_tokenizer(cfg, self.run_dir, ranks)
+        self.start_step = 0
+        resume_from = self._resume_checkpoint()
+        if resume_from is not None:
+            self.start_step = json.loads((resume_from / "trainer_state.json").read_text())["step"]
+        self.monitor = Monitor(self.run_dir, rank=ranks.rank, enabled_tb=cfg.log.tensorboard,
+                               total_steps=cfg.train.max_steps, start_step=self.start_step,
+                               peak_tflops=cfg.log.peak_tflops, world_size=ranks.world_size)
+        sources = setup_data(cfg, self.tokenizer, self.run_dir, ranks, self.monitor)
+        model = build_model(cfg.model, self.tokenizer, seed=cfg.train.seed)
+        self.n_params = count_parameters(model)
+        wrapped = CausalLMWithMaskedLoss(model, num_sources=len(sources), backend=cfg.train.loss_backend)
+        self.engine, self.ds_config = setup_engine(cfg, wrapped, ranks, self.repo_root)
+        self.zero_stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        self.stream = SFTStream(
+            sources, cfg.data.sources, seq_len=cfg.data.seq_len, global_batch_size=cfg.train.global_batch_size,
+            micro_batch_size=cfg.train.micro_batch_size, rank=ranks.rank, world_size=ranks.world_size,
+            seed=cfg.data.seed, packing=cfg.data.packing, pad_id=self.tokenizer.pad_token_id,
+            total_steps=cfg.train.max_steps,
+        )
+        self.source_names = [s.name for s in cfg.data.sources]
+        if resume_from is not None:
+            state = checkpoint.load(self.engine, resume_from)
+            self.stream.load_state_dict(state["data"])
+            self.monitor.print(f"resumed from {resume_from} at step {self.start_step}")
+        hf = model.config
+        self.flops_tok = flops_per_token(self.n_params, hf.num_hidden_layers, hf.hidden_size, cfg.data.seq_len)
+        self.monitor.print(
+            f"model: {self.n_params / 1e6:.2f}M parameters, vocab {len(self.tokenizer)}, ZeRO-{self.zero_stage}, "
+            f"{ranks.world_size} rank(s), grad accumulation {self.stream.grad_accum}, "
+            f"{sum(len(s) for s in sources)} samples in {len(sources)} source(s)"
+        )
+        if self.start_step == 0:
+            self.monitor.log_config(to_dict(cfg))
+        self._install_signal_handlers()
+
+    def _resume_checkpoint(self) -> Optional[Path]:
+        mode = self.cfg.checkpoint.resume
+        if mode == "none":
+            return None
+        if mode == "auto":
+            return checkpoint.find_latest(self.ckpt_root)
+        path = Path(mode)
+        if not checkpoint.is_complete(path):
+            raise FileNotFoundError(f"checkpoint.resume: {path} is not a complete checkpoint")
+        return path
+
+    def _install_signal_handlers(self) -> None:
+        # SLURM sends SIGUSR1 before the time limit, schedulers SIGTERM before preemption: finish
+        # the current step, save, and exit cleanly so that a requeued job resumes from here.
+        def request_stop(signum, _frame):
+            self._stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request_stop)
+
+    # -- train ---------------------------------------------------------------------------------
+    def train(self) -> dict:
+        cfg, engine, monitor = self.cfg, self.engine, self.monitor
+        prompts = cfg.log.sample_prompts
+        before = []
+        if prompts and self.start_step == 0:
+            before = generate_answers(engine, self.tokenizer, prompts, cfg.log.sample_max_new_tokens, self.zero_stage)
+        step = self.start_step
+        last_loss = float("nan")
+        monitor.step_timer()
+        end = cfg.train.max_steps if cfg.train.stop_at_step is None else cfg.train.stop_at_step
+        while step < end:
+            data_state = self.stream.state_dict()  # the position before this step's batch
+            micro_batches = self.stream.next_step()
+            local = [sum(count_targets(mb["labels"]) for mb in micro_batches), int(self._stop_signal is not None)]
+            global_count, stop = self._all_reduce_ints(local)
+            if stop:
+                self._save(step, data_state)
+                self._mark_preempted(step)
+                raise StopRequested(f"stop signal received; checkpoint saved at step {step}")
+            step += 1
+            if cfg.data.log_sample_ids:
+                self._log_sample_ids(step, micro_batches)
+            if global_count == 0:
+                # Nothing trains in this global batch: no update at all (not a NaN, and no Adam
+                # momentum step on zero gradients).
+                monitor.print(f"step {step}: no response token in the global batch; step skipped")
+                continue
+            lr = engine.get_lr()[0]
+            loss_sums = torch.zeros(len(self.source_names), dtype=torch.float64)
+            target_counts = torch.zeros(len(self.source_names), dtype=torch.int64)
+            for mb in micro_batches:
+                inputs = {k: v.to(engine.device) for k, v in mb.items() if k in MODEL_INPUT_KEYS}
+                mb_loss_sums, mb_counts = engine(**inputs)
+                engine.backward(scaled_for_deepspeed(mb_loss_sums.sum(), global_count, self.ranks.world_size,
+                                                     len(micro_batches)))
+                engine.step()
+                loss_sums += mb_loss_sums.detach().double().cpu()
+                target_counts += mb_counts.detach().cpu()
+            counts = source_counts(micro_batches, len(self.source_names))
+            counts["response_tokens"] = target_counts.tolist()  # what the loss counted (after the shift)
+            totals = StepTotals.all_reduced(loss_sums, counts)
+            last_loss = totals.loss
+            if not math.isfinite(last_loss):
+                raise FloatingPointError(f"step {step}: non-finite loss {last_loss}; per-source losses "
+                                         f"{totals.describe(self.source_names)}")
+            self._log_step(step, totals, lr)
+            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < cfg.train.max_steps:
+                self._save(step)
+            if cfg.log.sample_every and prompts and step % cfg.log.sample_every == 0:
+                answers = generate_answers(engine, self.tokenizer, prompts, cfg.log.sample_max_new_tokens, self.zero_stage)
+                monitor.log_text("samples", _samples_markdown(prompts, answers), step)
+        monitor.end_progress()
+        self._save(step)
+        if step < cfg.train.max_steps:  # stop_at_step: this job's share is done, the run is not
+            monitor.print(f"stopped at step {step} of {cfg.train.max_steps} (train.stop_at_step); "
+                          "launch again to resume")
+            return {"step": step, "final_loss": last_loss, "before": before, "after": [], "export_dir": None}
+        after = []
+        if prompts:
+            after = generate_answers(engine, self.tokenizer, prompts, cfg.log.sample_max_new_tokens, self.zero_stage)
+            if before:
+                monitor.print("\nanswers before -> after training:")
+                for p, b, a in zip(prompts, before, after):
+                    monitor.print(f"  Q: {p}\n     before: {b!r}\n     after:  {a!r}")
+            monitor.log_text("samples", _samples_markdown(prompts, after), step)
+        export_dir = None
+        if cfg.checkpoint.export_at_end:
+            dtype = cfg.checkpoint.export_dtype if cfg.checkpoint.export_dtype != "auto" else cfg.model.dtype
+            export_dir = export_hf(engine.module.lm, self.tokenizer, self.run_dir / "export", dtype)
+            if export_dir is not None:
+                monitor.print(f"exported the model to {export_dir}")
+        return {"step": step, "final_loss": last_loss, "before": before, "after": after,
+                "export_dir": str(export_dir) if export_dir else None}
+
+    def _all_reduce_ints(self, values: list[int]) -> list[int]:
+        t = torch.tensor(values, dtype=torch.int64)
+        if dist.is_initialized():
+            dist.all_reduce(t)
+        return [int(v) for v in t]
+
+    def _log_step(self, step: int, totals: "StepTotals", lr: float) -> None:
+        dt = self.monitor.step_timer()
+        if step % self.cfg.log.every_steps and step != self.cfg.train.max_steps:
+            return
+        tokens, response = sum(totals.tokens), sum(totals.response_tokens)
+        scalars = {
+            "train/loss": totals.loss,
+            "train/lr": lr,
+            "train/response_tokens": float(response),
+            "perf/step_seconds": dt,
+            "perf/tokens_per_s": tokens / dt,
+            "perf/response_tokens_per_s": response / dt,
+            "perf/samples_per_s": sum(totals.samples) / dt,
+            **memory_scalars(),
+        }
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            scalars["train/grad_norm"] = float(grad_norm)
+        util = mfu(tokens / dt / self.ranks.world_size, self.flops_tok, self.monitor.peak_tflops)
+        if util is not None:
+            scalars["perf/mfu"] = util
+        for i, name in enumerate(self.source_names):
+            scalars[f"source/{name}/samples"] = float(totals.samples[i])
+            scalars[f"source/{name}/tokens"] = float(totals.tokens[i])
+            scalars[f"source/{name}/response_tokens"] = float(totals.response_tokens[i])
+            if totals.response_tokens[i] > 0:
+                scalars[f"source/{name}/loss"] = totals.loss_sum[i] / totals.response_tokens[i]
+        self.monitor.log_step(step, scalars)
+
+    def _log_sample_ids(self, step: int, micro_batches: list[dict]) -> None:
+        """Debug log: the (source, sample) ids this rank consumed, one JSON line per step."""
+        folder = self.run_dir / "sample_ids"
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {"step": step, "rank": self.ranks.rank, "world_size": self.ranks.world_size,
+                  "ids": [list(x) for x in consumed_sample_ids(micro_batches)]}
+        with open(folder / f"rank{self.ranks.rank}.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _save(self, step: int, data_state: Optional[dict] = None) -> None:
+        data_state = self.stream.state_dict() if data_state is None else data_state
+        state = {"step": step, "data": data_state, "world_size": self.ranks.world_size, "time": time.time()}
+        path = checkpoint.save(self.engine, self.ckpt_root, step, state, keep_last=self.cfg.checkpoint.keep_last)
+        self.monitor.print(f"saved checkpoint {path}")
+
+    def _mark_preempted(self, step: int) -> None:
+        if _is_main(self.ranks):
+            (self.run_dir / PREEMPTED).write_text(f"{step}\n")
+
+    # -- cleanup -------------------------------------------------------------------------------
+    def cleanup(self) -> None:
+        monitor = getattr(self, "monitor", None)
+        if monitor is not None:
+            monitor.close()
+
+
+def _samples_markdown(prompts: list[str], answers: list[str]) -> str:
+    return "\n\n".join(f"**Q:** {p}\n\n**A:** {a}" for p, a in zip(prompts, answers))
+
+
+def run(cfg: RunConfig, ranks: Ranks, repo_root: Path) -> dict:
+    trainer = Trainer(cfg, ranks, repo_root)
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        trainer.cleanup()
