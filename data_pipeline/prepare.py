@@ -40,10 +40,11 @@ from data_pipeline.shards import (FORMAT_VERSION, ShardedSource, prepared_settin
                                   token_dtype, tokenizer_fingerprint, write_index, write_manifest)
 from data_pipeline.spec import FORMATS, DataConfig, DataConfigError, SourceSpec
 from data_pipeline.templates import template_spec
-from data_pipeline.tokenize_chunk import ChunkJob, ChunkResult, init_worker, run_chunk
+from data_pipeline.tokenize_chunk import ChunkJob, ChunkResult, ChunkTask, init_worker, run_chunk
 
-CHUNK_RECORDS = 2048
-"""Records per worker task and per shard: large enough to amortise IPC and batch tokenization."""
+CHUNK_RECORDS = 1024
+"""Records per worker task and per shard: large enough to amortise IPC and batch tokenization,
+small enough that the last tasks of a run leave no worker idle for long."""
 DETECT_LOOKAHEAD = 64
 """format=auto looks at up to this many leading records for one it recognises."""
 
@@ -109,6 +110,7 @@ def _detect(records: Iterator[RawRecord], fmt: str, text_field: str) -> tuple[st
 
 
 def _chunks(records: Iterable[RawRecord]) -> Iterator[tuple[int, list[RawRecord]]]:
+    """(shard id, up to CHUNK_RECORDS records) in input order."""
     it = iter(records)
     for shard_id in itertools.count():
         chunk = list(itertools.islice(it, CHUNK_RECORDS))
@@ -139,19 +141,25 @@ def _clean_stale_temps(out_dir: Path, name: str) -> None:
             continue
 
 
-def _run_chunks(job: ChunkJob, chunks: Iterator[tuple[int, list[RawRecord]]], num_proc: int,
+def _run_chunks(jobs: dict[str, ChunkJob], chunks: Iterator[ChunkTask], num_proc: int,
                 progress) -> Iterator[ChunkResult]:
+    """Results of all chunks of all sources, in input order, from one pool shared by the sources
+    (no pool start per source, and no idle worker at a source's tail while chunks are left)."""
     if num_proc <= 1:
-        init_worker(job)
+        init_worker(jobs)
         for task in chunks:
             result = run_chunk(task)
             progress.update(result.records)
             yield result
         return
-    # fork shares the already imported modules; spawn (where fork is unavailable) re-imports them.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    # fork shares the already imported modules, but forking a process that runs torch, gloo or a
+    # Rust tokenizer thread pool can deadlock the child on a lock some thread held at fork time
+    # (seen: the trainer's rank 0 preparing after distributed init). Spawn there; fork only in a
+    # plain process such as the prepare CLI.
+    threaded = "torch" in sys.modules
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() and not threaded else "spawn"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the pool is the parallelism
-    with multiprocessing.get_context(method).Pool(num_proc, initializer=init_worker, initargs=(job,)) as pool:
+    with multiprocessing.get_context(method).Pool(num_proc, initializer=init_worker, initargs=(jobs,)) as pool:
         for result in pool.imap(run_chunk, chunks):
             progress.update(result.records)
             yield result
@@ -168,9 +176,51 @@ def _finalize(tmp: Path, final: Path, manifest: dict) -> None:
     tmp.rename(final)
 
 
-def prepare_source(spec: SourceSpec, data_cfg: DataConfig, tokenizer, out_dir: Path, *, show_progress: bool = True,
-                   num_proc: int = 0) -> tuple[ShardedSource, SourceReport]:
-    """Prepare one source (or reuse its shards); return it opened, with its report."""
+@dataclass
+class _SourceBuild:
+    """One source being tokenized into a temp folder: its job, its input and its growing manifest."""
+
+    spec: SourceSpec
+    final: Path
+    job: ChunkJob
+    records: Iterator[RawRecord]
+    manifest: dict
+    start_time: float
+    report: SourceReport
+    shards: list = field(default_factory=list)
+    lengths: list = field(default_factory=list)
+
+    @property
+    def tmp(self) -> Path:
+        return Path(self.job.folder)
+
+    def add(self, result: ChunkResult) -> None:
+        _merge(self.report, result)
+        if result.tokens:
+            self.shards.append({"id": result.shard_id, "token_start": self.report.tokens - result.tokens,
+                                "tokens": result.tokens, "samples": result.samples, "files": result.files})
+        self.lengths.append(result.lengths)
+
+    def finish(self) -> tuple[ShardedSource, SourceReport]:
+        """Index + manifest (written last), then the atomic rename into place."""
+        report = self.report
+        all_lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int32)
+        index_files = write_index(self.tmp, all_lengths)
+        report.seconds = time.perf_counter() - self.start_time
+        manifest = dict(self.manifest, shards=self.shards, index_files=index_files, **{
+            "counts": {"records": report.records, "samples": report.samples, "tokens": report.tokens,
+                       "response_tokens": report.response_tokens, "truncated": report.truncated},
+            "skips": dict(report.skips), "skip_examples": [asdict(e) for e in report.examples],
+            "length_histogram": _length_histogram(all_lengths), "seconds": round(report.seconds, 3),
+        })
+        _finalize(self.tmp, self.final, manifest)
+        return ShardedSource(self.final, self.spec.name), report
+
+
+def _plan(spec: SourceSpec, data_cfg: DataConfig, tokenizer, out_dir: Path
+          ) -> tuple[ShardedSource, SourceReport] | _SourceBuild:
+    """Reuse the source's shards when its inputs, tokenizer and settings are unchanged; else set up
+    its build (format detected, temp folder created)."""
     start_time = time.perf_counter()
     final = source_folder(out_dir, spec.name)
     files = list_files(_resolve_path(spec, out_dir))
@@ -186,47 +236,63 @@ def prepare_source(spec: SourceSpec, data_cfg: DataConfig, tokenizer, out_dir: P
     fmt, peeked = _detect(records, spec.format, spec.text_field)
     vocab_size = len(tokenizer)
     eos = tokenizer.eos_token
-    job = ChunkJob(
-        tokenizer_json=tokenizer.backend_tokenizer.to_str(), template=template_spec(data_cfg.template, tokenizer),
-        settings=EncodeSettings(data_cfg.seq_len, data_cfg.train_on, data_cfg.truncation, eos or ""),
-        fmt=fmt, text_field=spec.text_field, strict=data_cfg.on_error == "strict", folder="",
-        token_dtype=token_dtype(vocab_size).str, eos_id=tokenizer.convert_tokens_to_ids(eos) if eos else None)
     out_dir.mkdir(parents=True, exist_ok=True)
     _clean_stale_temps(out_dir, spec.name)
     tmp = out_dir / f".tmp-{spec.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    job = ChunkJob(**{**job.__dict__, "folder": str(tmp)})
-    report = SourceReport(spec.name, reused=False)
-    shards, lengths = [], []
-    try:
-        from tqdm import tqdm
+    job = ChunkJob(
+        tokenizer_json=tokenizer.backend_tokenizer.to_str(), template=template_spec(data_cfg.template, tokenizer),
+        settings=EncodeSettings(data_cfg.seq_len, data_cfg.train_on, data_cfg.truncation, eos or ""),
+        fmt=fmt, text_field=spec.text_field, strict=data_cfg.on_error == "strict", folder=str(tmp),
+        token_dtype=token_dtype(vocab_size).str, eos_id=tokenizer.convert_tokens_to_ids(eos) if eos else None)
+    manifest = {
+        "format_version": FORMAT_VERSION, "source": spec.name, "files": files, "input_checksum": checksum,
+        "input_checksum_kind": "size+mtime (content hash where the store reports no mtime)",
+        "tokenizer_fingerprint": fingerprint, "vocab_size": vocab_size, "token_dtype": job.token_dtype,
+        "detected_format": fmt, "settings": settings,
+    }
+    return _SourceBuild(spec, final, job, itertools.chain(peeked, records), manifest, start_time,
+                        SourceReport(spec.name, reused=False))
 
-        with tqdm(desc=f"prepare {spec.name}", unit="rec", disable=not show_progress, file=sys.stderr) as progress:
-            chunks = _chunks(itertools.chain(peeked, records))
-            for result in _run_chunks(job, chunks, resolve_num_proc(num_proc or data_cfg.num_proc), progress):
-                _merge(report, result)
-                if result.tokens:
-                    shards.append({"id": result.shard_id, "token_start": report.tokens - result.tokens,
-                                   "tokens": result.tokens, "samples": result.samples})
-                lengths.append(result.lengths)
-        all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int32)
-        write_index(tmp, all_lengths)
-        report.seconds = time.perf_counter() - start_time
-        manifest = {
-            "format_version": FORMAT_VERSION, "source": spec.name, "files": files, "input_checksum": checksum,
-            "input_checksum_kind": "size+mtime (content hash where the store reports no mtime)",
-            "tokenizer_fingerprint": fingerprint, "vocab_size": vocab_size, "token_dtype": job.token_dtype,
-            "detected_format": fmt, "settings": settings, "shards": shards,
-            "counts": {"records": report.records, "samples": report.samples, "tokens": report.tokens,
-                       "response_tokens": report.response_tokens, "truncated": report.truncated},
-            "skips": dict(report.skips), "skip_examples": [asdict(e) for e in report.examples],
-            "length_histogram": _length_histogram(all_lengths), "seconds": round(report.seconds, 3),
-        }
-        _finalize(tmp, final, manifest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return ShardedSource(final, spec.name), report
+
+def _prepare_all(specs: list[SourceSpec], data_cfg: DataConfig, tokenizer, out_dir: Path, *, show_progress: bool,
+                 num_proc: int) -> list[tuple[ShardedSource, SourceReport]]:
+    """Prepare (or reuse) each source; the sources to build share one worker pool."""
+    done: dict[str, tuple[ShardedSource, SourceReport]] = {}
+    builds: dict[str, _SourceBuild] = {}
+    try:
+        for spec in specs:
+            planned = _plan(spec, data_cfg, tokenizer, out_dir)
+            if isinstance(planned, _SourceBuild):
+                builds[spec.name] = planned
+            else:
+                done[spec.name] = planned
+        if builds:
+            from tqdm import tqdm
+
+            tasks = ((name, shard_id, chunk) for name, build in list(builds.items())
+                     for shard_id, chunk in _chunks(build.records))
+            jobs = {name: build.job for name, build in builds.items()}
+            with tqdm(desc="prepare " + ",".join(builds), unit="rec", disable=not show_progress,
+                      file=sys.stderr) as progress:
+                current = None
+                for result in _run_chunks(jobs, tasks, resolve_num_proc(num_proc or data_cfg.num_proc), progress):
+                    if current is not None and result.source != current:
+                        done[current] = builds.pop(current).finish()  # results come in source order
+                    current = result.source
+                    builds[current].add(result)
+            for name in list(builds):  # the last source, and sources without a single record
+                done[name] = builds.pop(name).finish()
+    finally:
+        for build in builds.values():  # failed or interrupted: nothing half-written stays
+            shutil.rmtree(build.tmp, ignore_errors=True)
+    return [done[spec.name] for spec in specs]
+
+
+def prepare_source(spec: SourceSpec, data_cfg: DataConfig, tokenizer, out_dir: Path, *, show_progress: bool = True,
+                   num_proc: int = 0) -> tuple[ShardedSource, SourceReport]:
+    """Prepare one source (or reuse its shards); return it opened, with its report."""
+    return _prepare_all([spec], data_cfg, tokenizer, Path(out_dir), show_progress=show_progress, num_proc=num_proc)[0]
 
 
 def _merge(report: SourceReport, result: ChunkResult) -> None:
@@ -257,12 +323,9 @@ def prepare_sources(data_cfg: DataConfig, tokenizer, out_dir: str | Path, *, sho
     """Prepare (or reuse) every source of data_cfg under out_dir; returns them in config order.
     Call on one process per node, then barrier, then open_prepared on every rank."""
     data_cfg.validate()
-    sources, reports = [], []
-    for spec in data_cfg.sources:
-        source, report = prepare_source(spec, data_cfg, tokenizer, Path(out_dir), show_progress=show_progress,
-                                        num_proc=num_proc)
-        sources.append(source)
-        reports.append(report)
+    prepared = _prepare_all(data_cfg.sources, data_cfg, tokenizer, Path(out_dir), show_progress=show_progress,
+                            num_proc=num_proc)
+    sources, reports = [p[0] for p in prepared], [p[1] for p in prepared]
     if show_progress:
         print(format_report(reports), file=sys.stderr)
     return sources

@@ -7,6 +7,8 @@ Layout of one prepared source folder `<out_dir>/<source name>/`:
     tokens-XXXXX.bin       token ids of shard X, uint16 if the vocab fits (<= 65535 ids) else uint32
     mask-XXXXX.bin         loss mask of shard X as bits (numpy packbits, little bit order)
 Shard X covers global token positions [manifest.shards[X].token_start, + tokens).
+The manifest records size and sha256 of every file (shards[X].files, index_files), so that copies
+of a folder kept at an fsspec URL are verified when cached locally (shard_cache.py).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from typing import Any, Optional
 import numpy as np
 
 from data_pipeline.errors import PreparedDataError
+from data_pipeline.shard_cache import ShardCache, file_record, is_url
 from data_pipeline.templates import template_spec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: special-token text in the data is tokenized as plain text (special_text.py)."""
 MANIFEST = "manifest.json"
 IGNORE_INDEX = -100
 
@@ -55,6 +59,8 @@ class ShardWriter:
     dtype: np.dtype
     _ids: list[np.ndarray] = field(default_factory=list)
     _masks: list[np.ndarray] = field(default_factory=list)
+    files: dict[str, dict] = field(default_factory=dict)
+    """{file name: {size, sha256}} of what close() wrote."""
 
     def add(self, input_ids: np.ndarray, trained: np.ndarray) -> None:
         self._ids.append(input_ids)
@@ -74,16 +80,25 @@ class ShardWriter:
         ids = np.concatenate(self._ids)
         if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(self.dtype).max):
             raise PreparedDataError(f"token id {int(ids.max())} does not fit {self.dtype}", field="vocab_size")
-        ids.astype(self.dtype).tofile(shard_file(self.folder, "tokens", self.shard_id))
-        np.packbits(np.concatenate(self._masks), bitorder="little").tofile(shard_file(self.folder, "mask", self.shard_id))
+        self._write("tokens", ids.astype(self.dtype).tobytes())
+        self._write("mask", np.packbits(np.concatenate(self._masks), bitorder="little").tobytes())
         return int(ids.size)
 
+    def _write(self, kind: str, data: bytes) -> None:
+        path = shard_file(self.folder, kind, self.shard_id)
+        path.write_bytes(data)
+        self.files[path.name] = file_record(data)
 
-def write_index(folder: Path, lengths: np.ndarray) -> None:
-    np.save(folder / "lengths.npy", lengths.astype(np.int32))
+
+def write_index(folder: Path, lengths: np.ndarray) -> dict[str, dict]:
+    """Write lengths.npy and offsets.npy; return their {name: {size, sha256}}."""
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    np.save(folder / "offsets.npy", offsets)
+    records = {}
+    for name, array in (("lengths.npy", lengths.astype(np.int32)), ("offsets.npy", offsets)):
+        np.save(folder / name, array)
+        records[name] = file_record((folder / name).read_bytes())
+    return records
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
@@ -93,11 +108,25 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     tmp.replace(folder / MANIFEST)
 
 
-def read_manifest(folder: Path) -> Optional[dict[str, Any]]:
-    """The manifest of a complete prepared folder, or None if absent, unreadable or incomplete."""
+def read_manifest_text(folder: str | Path) -> Optional[str]:
+    """The manifest file's text (local folder or fsspec URL), or None if it cannot be read."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        if is_url(folder):
+            import fsspec
+
+            with fsspec.open(f"{str(folder).rstrip('/')}/{MANIFEST}", "r", encoding="utf-8") as f:
+                return f.read()
+        return (Path(folder) / MANIFEST).read_text(encoding="utf-8")
     except (OSError, ValueError):
+        return None
+
+
+def read_manifest(folder: str | Path, text: Optional[str] = None) -> Optional[dict[str, Any]]:
+    """The manifest of a complete prepared folder, or None if absent, unreadable or incomplete."""
+    text = read_manifest_text(folder) if text is None else text
+    try:
+        manifest = json.loads(text) if text is not None else None
+    except ValueError:
         return None
     if not isinstance(manifest, dict) or manifest.get("complete") is not True:
         return None
@@ -112,28 +141,44 @@ class ShardedSource:
     Opening reads only the manifest and memory-maps the index; shard files are mapped on first use.
     """
 
-    def __init__(self, folder: str | Path, name: Optional[str] = None) -> None:
-        self.folder = Path(folder)
-        manifest = read_manifest(self.folder)
+    def __init__(self, folder: str | Path, name: Optional[str] = None, *, cache_dir: str | Path | None = None,
+                 prefetch_shards: int = 2) -> None:
+        """`folder` is a local folder or an fsspec URL; for a URL, files are copied to `cache_dir`
+        (default: shard_cache.default_cache_dir()) when first needed, `prefetch_shards` ahead."""
+        self.folder = folder if is_url(folder) else Path(folder)
+        text = read_manifest_text(self.folder)
+        manifest = read_manifest(self.folder, text)
         if manifest is None:
             raise PreparedDataError("no complete manifest.json (preparation missing or interrupted); run prepare",
                                     file=str(self.folder), field=MANIFEST, reason="not_prepared")
         self.manifest = manifest
         self.name = name or manifest["source"]
+        self.cache = ShardCache(str(self.folder), text, cache_dir, prefetch_shards) if is_url(self.folder) else None
         self._dtype = np.dtype(manifest["token_dtype"])
         self._shard_ids = [s["id"] for s in manifest["shards"]]
         self._shard_starts = np.array([s["token_start"] for s in manifest["shards"]], dtype=np.int64)
         num = int(manifest["counts"]["samples"])
         if num:
-            self._lengths = np.load(self.folder / "lengths.npy", mmap_mode="r")
-            self._offsets = np.load(self.folder / "offsets.npy", mmap_mode="r")
+            self._lengths = np.load(self._path("lengths.npy", manifest.get("index_files", {})), mmap_mode="r")
+            self._offsets = np.load(self._path("offsets.npy", manifest.get("index_files", {})), mmap_mode="r")
         else:
             self._lengths = np.zeros(0, dtype=np.int32)
             self._offsets = np.zeros(1, dtype=np.int64)
         if len(self._lengths) != num:
             raise PreparedDataError(f"lengths.npy has {len(self._lengths)} entries, manifest says {num}",
-                                    file=str(self.folder / "lengths.npy"), reason="corrupt_prepared")
+                                    file=f"{self.folder}/lengths.npy", reason="corrupt_prepared")
         self._maps: dict[int, tuple[np.memmap, np.memmap]] = {}
+
+    def _path(self, name: str, records: dict[str, dict]) -> Path:
+        """Local path of one file of the folder (copied into the cache first for a URL)."""
+        if self.cache is None:
+            return self.folder / name
+        return self.cache.local(name, records.get(name))
+
+    def _shard_files(self, k: int) -> list[tuple[str, Optional[dict]]]:
+        sid, records = self._shard_ids[k], self.manifest["shards"][k].get("files", {})
+        return [(shard_file(Path(), kind, sid).name, records.get(shard_file(Path(), kind, sid).name))
+                for kind in ("tokens", "mask")]
 
     def __len__(self) -> int:
         return len(self._lengths)
@@ -145,9 +190,12 @@ class ShardedSource:
     def _shard(self, position: int) -> tuple[int, np.memmap, np.memmap]:
         k = int(np.searchsorted(self._shard_starts, position, side="right")) - 1
         if k not in self._maps:
-            sid = self._shard_ids[k]
-            self._maps[k] = (np.memmap(shard_file(self.folder, "tokens", sid), dtype=self._dtype, mode="r"),
-                             np.memmap(shard_file(self.folder, "mask", sid), dtype=np.uint8, mode="r"))
+            (tokens, tokens_record), (mask, mask_record) = self._shard_files(k)
+            self._maps[k] = (np.memmap(self._path(tokens, {tokens: tokens_record}), dtype=self._dtype, mode="r"),
+                             np.memmap(self._path(mask, {mask: mask_record}), dtype=np.uint8, mode="r"))
+            if self.cache is not None:  # the shard in use first, then the next ones in the background
+                ahead = range(k + 1, min(k + 1 + self.cache.prefetch_depth, len(self._shard_ids)))
+                self.cache.prefetch([f for j in ahead for f in self._shard_files(j)])
         return (k, *self._maps[k])
 
     def get_tokens_and_mask(self, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -184,23 +232,28 @@ def prepared_settings(spec, data_cfg, tokenizer) -> dict[str, Any]:
     }
 
 
-def source_folder(out_dir: str | Path, source_name: str) -> Path:
+def source_folder(out_dir: str | Path, source_name: str) -> str | Path:
+    """<out_dir>/<source name>: a Path, or a URL string when out_dir is an fsspec URL."""
+    if is_url(out_dir):
+        return f"{str(out_dir).rstrip('/')}/{source_name}"
     return Path(out_dir) / source_name
 
 
 def open_prepared(data_cfg, tokenizer, out_dir: str | Path) -> list[ShardedSource]:
     """Open every source of data_cfg (same order) from out_dir, refusing shards that were prepared
-    with another tokenizer or other token-level settings (template, train_on, seq_len, truncation)."""
+    with another tokenizer or other token-level settings (template, train_on, seq_len, truncation).
+    out_dir may be an fsspec URL: files are then cached under data_cfg.cache_dir (shard_cache.py)."""
     fingerprint = tokenizer_fingerprint(tokenizer)
     opened = []
     for i, spec in enumerate(data_cfg.sources):
         folder = source_folder(out_dir, spec.name)
-        source = ShardedSource(folder, spec.name)
+        source = ShardedSource(folder, spec.name, cache_dir=getattr(data_cfg, "cache_dir", "") or None,
+                               prefetch_shards=getattr(data_cfg, "prefetch_shards", 2))
         found = source.manifest.get("tokenizer_fingerprint")
         if found != fingerprint:
             raise PreparedDataError(
                 f"source {spec.name!r} was prepared with tokenizer {found}, but this tokenizer is {fingerprint}; "
-                "re-run prepare with this tokenizer", file=str(folder / MANIFEST), field="tokenizer_fingerprint",
+                "re-run prepare with this tokenizer", file=f"{folder}/{MANIFEST}", field="tokenizer_fingerprint",
                 reason="tokenizer_mismatch")
         wanted = prepared_settings(spec, data_cfg, tokenizer)
         stored = source.manifest.get("settings", {})
@@ -208,7 +261,7 @@ def open_prepared(data_cfg, tokenizer, out_dir: str | Path) -> list[ShardedSourc
             if stored.get(key) != value:
                 raise PreparedDataError(
                     f"source {spec.name!r} was prepared with {key}={stored.get(key)!r}, the config asks for {value!r}; "
-                    "re-run prepare", file=str(folder / MANIFEST), field=f"data.sources[{i}] / settings.{key}",
+                    "re-run prepare", file=f"{folder}/{MANIFEST}", field=f"data.sources[{i}] / settings.{key}",
                     reason="settings_mismatch")
         opened.append(source)
     return opened

@@ -40,7 +40,11 @@ class SourceSpec:
     text_field: str = "text"
     """For format=text with JSON records: the field that holds the document."""
     eval_fraction: float = 0.0
-    """Fraction of this source held out for evaluation (0 = none)."""
+    """Fraction of this source held out for evaluation (0 = none). The held-out samples are never
+    trained on; which ones depends only on the source name and size (data_pipeline/split.py)."""
+    eval_count: Optional[int] = None
+    """Exact number of samples held out for evaluation (instead of eval_fraction): a fixed-size
+    eval set whatever the source size."""
 
     def validate(self, key: str) -> None:
         if not self.name:
@@ -63,6 +67,11 @@ class SourceSpec:
             raise DataConfigError(f"{key}.choose: must be > 0, got {self.choose}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise DataConfigError(f"{key}.eval_fraction: must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_count is not None:
+            if self.eval_count < 1:
+                raise DataConfigError(f"{key}.eval_count: must be >= 1, got {self.eval_count}")
+            if self.eval_fraction > 0:
+                raise DataConfigError(f"{key}: source {self.name!r} sets eval_fraction and eval_count; give one")
 
 
 @dataclass
@@ -71,6 +80,9 @@ class DataConfig:
 
     sources: list[SourceSpec] = field(default_factory=list)
     """The training sources (see SourceSpec)."""
+    eval_sources: list[SourceSpec] = field(default_factory=list)
+    """Evaluation-only sources (same fields as sources; mixture fields are ignored): evaluated
+    every eval.every_steps and at the end, each reported as eval/<name>/loss, never trained on."""
     template: str = "auto"
     """Chat template: auto (the tokenizer's own, else chatml), chatml, qwen, llama3, chatglm,
     zh_plain (指令/回答), or a path to a Jinja file."""
@@ -90,6 +102,12 @@ class DataConfig:
     """Where tokenized shards go; empty = <run_dir>/data. Shards are reused when inputs match."""
     num_proc: int = 0
     """Processes for `prepare`; 0 = all cores."""
+    cache_dir: str = ""
+    """Local folder where shards of a prepared_dir given as an fsspec URL (s3://, gs://, ...) are
+    copied, verified against the manifest and memory-mapped; empty = $XDG_CACHE_HOME/zhiling/shards
+    (~/.cache/zhiling/shards). Needs room for the shards this node reads."""
+    prefetch_shards: int = 2
+    """For a URL prepared_dir: shards copied ahead of use by a background thread (0 = on demand only)."""
     log_sample_ids: bool = False
     """Debug: write per step the global sample ids each rank consumed (jsonl in the run dir)."""
 
@@ -102,9 +120,16 @@ class DataConfig:
             if s.name in names:
                 raise DataConfigError(f"{key}.sources[{i}].name: duplicate source name {s.name!r}")
             names.add(s.name)
+        for i, s in enumerate(self.eval_sources):
+            s.validate(f"{key}.eval_sources[{i}]")
+            if s.name in names:  # eval/<name>/loss must say which set it is
+                raise DataConfigError(f"{key}.eval_sources[{i}].name: {s.name!r} is already a source name")
+            names.add(s.name)
         for k, allowed in (("train_on", TRAIN_ON), ("truncation", TRUNCATION), ("on_error", ON_ERROR)):
             if getattr(self, k) not in allowed:
                 raise DataConfigError(f"{key}.{k}: {getattr(self, k)!r} is not one of {allowed}")
+        if self.prefetch_shards < 0:
+            raise DataConfigError(f"{key}.prefetch_shards: must be >= 0, got {self.prefetch_shards}")
         if self.seq_len < 8:
             raise DataConfigError(f"{key}.seq_len: must be >= 8, got {self.seq_len}")
 

@@ -4,20 +4,13 @@ A template renders a conversation to one string and reports, for every assistant
 character span of what the model must learn to produce: the response text (including its tool
 calls) followed by the template's end-of-turn marker. Everything else (system, user, tool
 results, role headers, the newline after the end-of-turn marker, template-inserted text such as
-an empty '<think>\\n\\n</think>\\n\\n' block) is a template/prompt token and never trains. The
-masking module (masks.py) turns these spans into a per-token mask after tokenizing the whole
-text once.
+an empty '<think>\\n\\n</think>\\n\\n' block) is a template/prompt token and never trains. encoding.py
+turns these spans into a per-token mask after tokenizing the whole text once.
 
 Built-in templates (chatml = qwen, llama3, chatglm, zh_plain) are exact by construction: they
-are written as pieces whose positions are known. A Jinja template (the tokenizer's own, or a
-file) is handled by incremental rendering: for the k-th assistant turn,
-    a = render(turns before k, add_generation_prompt=True)     # prompt up to the response
-    b = render(turns up to and including k)
-the response starts where a and b first differ and ends after the last end-of-turn marker in b
-(trailing whitespace after the marker belongs to the template). The piece is then located in the
-full rendering: at the same offset when the template is prefix-stable, else searched from the
-previous turn's end; templates that rewrite a turn beyond recognition raise TemplateError (the
-sample is skipped and counted, never silently mis-masked).
+are written as pieces whose positions are known. Jinja templates (the tokenizer's own, or a file)
+live in jinja_template.py, which derives the same spans from one marked and one clean rendering.
+Text from the data that spells a special token is never a special token (special_text.py).
 """
 
 from __future__ import annotations
@@ -40,12 +33,18 @@ class Rendered:
 
     text: str
     assistant_spans: list[tuple[int, int]]
+    literal_spans: list[tuple[int, int]] = field(default_factory=list)
+    """Ranges that spell a special token but came from the data: tokenized as plain text."""
 
 
 class ChatTemplate(Protocol):
     name: str
 
     def render(self, conv: Conversation) -> Rendered: ...
+
+    def render_text(self, conv: Conversation) -> str:
+        """The rendered text alone (no spans)."""
+        ...
 
 
 # ----------------------------------------------------------------------------- built-in templates
@@ -110,6 +109,9 @@ class BuiltinTemplate:
                 put(fmt.before + m.content + fmt.after)
         return Rendered("".join(parts), spans)
 
+    def render_text(self, conv: Conversation) -> str:
+        return self.render(conv).text
+
 
 def _chatml() -> BuiltinTemplate:
     return BuiltinTemplate(
@@ -167,29 +169,7 @@ def _zh_plain(eos: str) -> BuiltinTemplate:
     )
 
 
-# ----------------------------------------------------------------------------- Jinja templates
-
-def _compile_jinja(source: str):
-    """Compile like transformers' apply_chat_template does (same sandbox, filters and globals),
-    so that rendering here equals tokenizer.apply_chat_template(..., tokenize=False)."""
-    from transformers.utils.chat_template_utils import _compile_jinja_template
-
-    return _compile_jinja_template(source)
-
-
-def _common_prefix_len(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # binary search on the first differing character
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
+# ----------------------------------------------------------------------------- Jinja helpers
 
 def conversation_to_dicts(conv: Conversation) -> list[dict]:
     """OpenAI-style message dicts, as HF chat templates expect them."""
@@ -203,62 +183,6 @@ def conversation_to_dicts(conv: Conversation) -> list[dict]:
     return out
 
 
-class JinjaTemplate:
-    """A Jinja chat template with exact response spans derived by incremental rendering."""
-
-    def __init__(self, name: str, source: str, special_tokens: dict[str, str], end_of_turn: Optional[str]) -> None:
-        if "add_generation_prompt" not in source:
-            raise TemplateError(f"chat template {name!r} ignores add_generation_prompt, so the start of a response "
-                                "cannot be located; choose a built-in template", field="template")
-        self.name = name
-        self.source = source
-        self.end_of_turn = end_of_turn
-        self._special = dict(special_tokens)
-        self._compiled = _compile_jinja(source)
-
-    def _render(self, messages: list[dict], tools: Optional[list], generation_prompt: bool) -> str:
-        try:
-            return self._compiled.render(messages=messages, tools=tools, add_generation_prompt=generation_prompt,
-                                         **self._special)
-        except Exception as e:  # jinja2 raises its own TemplateError / UndefinedError / TypeError from user code
-            raise TemplateError(f"chat template {self.name!r} failed: {e}", field="template",
-                                reason="template_error") from None
-
-    def _trim_after_end_of_turn(self, piece: str) -> str:
-        eot = self.end_of_turn
-        if eot and eot in piece:
-            cut = piece.rindex(eot) + len(eot)
-            if not piece[cut:].strip():
-                return piece[:cut]
-        return piece
-
-    def render(self, conv: Conversation) -> Rendered:
-        messages = conversation_to_dicts(conv)
-        tools = conv.tools
-        full = self._render(messages, tools, False)
-        spans: list[tuple[int, int]] = []
-        cursor = 0
-        for k, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            prompt = self._render(messages[:k], tools, True)
-            upto = full if k == len(messages) - 1 else self._render(messages[: k + 1], tools, False)
-            start = _common_prefix_len(prompt, upto)
-            piece = self._trim_after_end_of_turn(upto[start:])
-            if not piece:
-                raise TemplateError(f"assistant turn {k} renders to nothing", field=f"messages[{k}]")
-            if start >= cursor and full.startswith(upto[: start + len(piece)]):
-                pos = start
-            else:
-                pos = full.find(piece, cursor)
-                if pos < 0:
-                    raise TemplateError(f"template {self.name!r} rewrites assistant turn {k} in the full conversation; "
-                                        "its loss mask cannot be derived exactly", field=f"messages[{k}]")
-            spans.append((pos, pos + len(piece)))
-            cursor = pos + len(piece)
-        return Rendered(full, spans)
-
-
 # ----------------------------------------------------------------------------- selection
 
 @dataclass(frozen=True)
@@ -270,6 +194,9 @@ class TemplateSpec:
     special_tokens: dict = field(default_factory=dict)
     eos_token: str = ""
     has_glm_prefix: bool = False
+    special_texts: tuple = ()
+    """Texts of the tokenizer's special tokens: in the data they are escaped (special_text.py).
+    Not part of the fingerprint: the tokenizer fingerprint already covers them."""
 
     def fingerprint(self) -> str:
         blob = json.dumps([self.name, self.jinja_source, self.eos_token, self.has_glm_prefix], ensure_ascii=False)
@@ -280,13 +207,14 @@ def template_spec(name: str, tokenizer) -> TemplateSpec:
     """Resolve DataConfig.template against a tokenizer: auto = the tokenizer's own chat_template if
     it has one, else chatml; qwen = chatml; anything else not built in is a path to a Jinja file."""
     special = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+    special_texts = tuple(sorted(t.content for t in tokenizer.added_tokens_decoder.values() if t.special))
     eos = tokenizer.eos_token or ""
     vocab = tokenizer.get_vocab()
     glm = "[gMASK]" in vocab and "<sop>" in vocab
     if name == "auto":
         source = getattr(tokenizer, "chat_template", None)
         if isinstance(source, str) and source:
-            return TemplateSpec("tokenizer", source, special, eos)
+            return TemplateSpec("tokenizer", source, special, eos, special_texts=special_texts)
         name = "chatml"
     if name == "qwen":
         name = "chatml"
@@ -294,16 +222,29 @@ def template_spec(name: str, tokenizer) -> TemplateSpec:
         if name in ("chatglm", "zh_plain") and not eos:
             raise TemplateError(f"template {name!r} ends answers with the tokenizer's eos_token, and this tokenizer "
                                 "has none", field="template")
-        return TemplateSpec(name, "", special, eos, glm)
+        return TemplateSpec(name, "", special, eos, glm, special_texts)
     path = Path(name)
     if not path.is_file():
         raise TemplateError(f"unknown template {name!r}: not one of auto, {', '.join(BUILTIN_NAMES)} and not a file",
                             field="template")
-    return TemplateSpec(f"file:{path.name}", path.read_text(encoding="utf-8"), special, eos)
+    return TemplateSpec(f"file:{path.name}", path.read_text(encoding="utf-8"), special, eos,
+                        special_texts=special_texts)
 
 
 def build_template(spec: TemplateSpec) -> ChatTemplate:
+    """The template of `spec`, guarded so that data never produces special tokens."""
+    from data_pipeline.special_text import GuardedTemplate, SpecialTextGuard  # both import this module
+
+    template = _unguarded_template(spec)
+    if not spec.special_texts:
+        return template
+    return GuardedTemplate(template, SpecialTextGuard(spec.special_texts), verify=bool(spec.jinja_source))
+
+
+def _unguarded_template(spec: TemplateSpec) -> ChatTemplate:
     if spec.jinja_source:
+        from data_pipeline.jinja_template import JinjaTemplate  # imports this module: deferred
+
         return JinjaTemplate(spec.name, spec.jinja_source, spec.special_tokens, spec.eos_token or None)
     factories = {
         "chatml": _chatml,

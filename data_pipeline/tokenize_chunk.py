@@ -3,7 +3,11 @@
 A chunk is decoded, parsed and rendered record by record, tokenized in one batch call of the
 Rust tokenizer (offsets included), masked, truncated and written as one shard. Workers hold a
 bare `tokenizers.Tokenizer` rebuilt from its JSON (cheap to ship, no transformers object to
-pickle) and the template rebuilt from its TemplateSpec.
+pickle) and the template rebuilt (and compiled) once from its TemplateSpec.
+
+Special-token text inside the data is plain text (special_text.py): documents are encoded with
+special-token matching off; the rare conversation whose data spells a special token is encoded
+piecewise around the template's own special tokens; all others go through the batch call.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from data_pipeline.errors import DataError, SkipExample
 from data_pipeline.formats import Conversation, TextDocument, parse_record
 from data_pipeline.readers import RawRecord, decode_payload
 from data_pipeline.shards import ShardWriter
+from data_pipeline.special_text import GuardedTemplate, encode_guarded, special_token_ids
 from data_pipeline.templates import ChatTemplate, Rendered, TemplateSpec, build_template
 
 EXAMPLES_PER_REASON = 3
@@ -40,8 +45,13 @@ class ChunkJob:
     eos_id: Optional[int]
 
 
+ChunkTask = tuple[str, int, list[RawRecord]]
+"""(source name, shard id, records): one unit of work for the pool."""
+
+
 @dataclass
 class ChunkResult:
+    source: str
     shard_id: int
     records: int
     tokens: int = 0
@@ -50,6 +60,8 @@ class ChunkResult:
     lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
     skips: Counter = field(default_factory=Counter)
     examples: list[SkipExample] = field(default_factory=list)
+    files: dict[str, dict] = field(default_factory=dict)
+    """{file name: {size, sha256}} of the shard's files (for the manifest)."""
 
     @property
     def samples(self) -> int:
@@ -59,12 +71,18 @@ class ChunkResult:
 class ChunkTokenizer:
     """Turns chunks of raw records into shards; one instance per worker process."""
 
-    def __init__(self, job: ChunkJob) -> None:
+    def __init__(self, job: ChunkJob, job_name: str = "") -> None:
         from tokenizers import Tokenizer
 
         self.job = job
+        self.job_name = job_name
         self.tokenizer = Tokenizer.from_str(job.tokenizer_json)
+        self.plain_tokenizer = Tokenizer.from_str(job.tokenizer_json)
+        self.plain_tokenizer.encode_special_tokens = True  # every special-token string is split as text
         self.template: ChatTemplate = build_template(job.template)
+        guarded = isinstance(self.template, GuardedTemplate)
+        self.guard = self.template.guard if guarded else None
+        self.special_ids = special_token_ids(self.tokenizer, self.guard.special_texts) if guarded else {}
 
     def _skip(self, result: ChunkResult, err: DataError, record: RawRecord) -> None:
         if not err.file:
@@ -80,13 +98,32 @@ class ChunkTokenizer:
         rendered = self.template.render(sample) if isinstance(sample, Conversation) else None
         return sample, rendered
 
-    def _encode(self, sample, rendered: Optional[Rendered], encoding) -> list[EncodedSample]:
+    def _encode(self, rendered: Optional[Rendered], ids, offsets) -> list[EncodedSample]:
         if rendered is None:
-            return encode_document(encoding.ids, self.job.eos_id, self.job.settings.seq_len)
-        return [encode_conversation(rendered, encoding.ids, encoding.offsets, self.job.settings)]
+            return encode_document(ids, self.job.eos_id, self.job.settings.seq_len)
+        return [encode_conversation(rendered, ids, offsets, self.job.settings)]
+
+    def _tokenize(self, parsed: list[tuple[RawRecord, object, Optional[Rendered]]]) -> list[tuple[list, list]]:
+        """(ids, offsets) per parsed sample, in order: batch calls for the common cases."""
+        out: list = [None] * len(parsed)
+        batches: dict[str, list[int]] = {"template": [], "plain": []}
+        for i, (_, sample, rendered) in enumerate(parsed):
+            if rendered is None:
+                batches["plain"].append(i)
+            elif rendered.literal_spans:
+                out[i] = encode_guarded(self.plain_tokenizer, rendered.text, rendered.literal_spans, self.guard,
+                                        self.special_ids)
+            else:
+                batches["template"].append(i)
+        for kind, tokenizer in (("template", self.tokenizer), ("plain", self.plain_tokenizer)):
+            indices = batches[kind]
+            texts = [parsed[i][2].text if parsed[i][2] is not None else parsed[i][1].text for i in indices]
+            for i, enc in zip(indices, tokenizer.encode_batch(texts, add_special_tokens=False) if texts else []):
+                out[i] = (enc.ids, enc.offsets if kind == "template" else ())
+        return out
 
     def run(self, shard_id: int, records: list[RawRecord]) -> ChunkResult:
-        result = ChunkResult(shard_id, len(records))
+        result = ChunkResult(self.job_name, shard_id, len(records))
         parsed: list[tuple[RawRecord, object, Optional[Rendered]]] = []
         pending: Optional[tuple[DataError, RawRecord]] = None
         for record in records:
@@ -97,12 +134,10 @@ class ChunkTokenizer:
                     pending = (err, record)  # earlier records must still be checked first
                     break
                 self._skip(result, err, record)
-        texts = [r.text if r is not None else s.text for _, s, r in parsed]
-        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False) if texts else []
         writer = ShardWriter(Path(self.job.folder), shard_id, np.dtype(self.job.token_dtype))
-        for (record, sample, rendered), encoding in zip(parsed, encodings):
+        for (record, sample, rendered), (ids, offsets) in zip(parsed, self._tokenize(parsed)):
             try:
-                encoded = self._encode(sample, rendered, encoding)
+                encoded = self._encode(rendered, ids, offsets)
             except DataError as err:
                 self._skip(result, err, record)
                 continue
@@ -114,18 +149,26 @@ class ChunkTokenizer:
             self._skip(result, *pending)
         result.lengths = writer.lengths()
         result.tokens = writer.close()
+        result.files = writer.files
         return result
 
 
-_WORKER: Optional[ChunkTokenizer] = None
+_JOBS: dict[str, ChunkJob] = {}
+_WORKERS: dict[str, ChunkTokenizer] = {}
 
 
-def init_worker(job: ChunkJob) -> None:
-    global _WORKER
-    _WORKER = ChunkTokenizer(job)
+def init_worker(jobs: dict[str, ChunkJob]) -> None:
+    """Pool initializer: the jobs of all sources; each worker builds a source's tokenizer and
+    template once, on its first chunk of that source."""
+    _JOBS.clear()
+    _JOBS.update(jobs)
+    _WORKERS.clear()
 
 
-def run_chunk(task: tuple[int, list[RawRecord]]) -> ChunkResult:
-    if _WORKER is None:
-        raise RuntimeError("init_worker was not called in this process")
-    return _WORKER.run(*task)
+def run_chunk(task: ChunkTask) -> ChunkResult:
+    name, shard_id, records = task
+    if name not in _JOBS:
+        raise RuntimeError(f"init_worker was not called with a job for source {name!r} in this process")
+    if name not in _WORKERS:
+        _WORKERS[name] = ChunkTokenizer(_JOBS[name], name)
+    return _WORKERS[name].run(shard_id, records)

@@ -55,7 +55,12 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Pa
         raise TokenizerError(f"tokenizer.vocab_size={vocab_size}: a byte-level BPE needs at least "
                              f"{256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens)")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Digits one by one (as LLaMA and Qwen do): numbers then share token pieces, which is what lets
+    # a small model learn arithmetic and number formats instead of memorising merged digit runs.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -110,6 +110,9 @@ class TrainConfig:
     """AdamW implementation: auto (fused on GPU, torch on CPU), torch, fused, or cpu_adam."""
     loss_backend: str = "auto"
     """Masked linear cross-entropy backend: auto (Triton on CUDA, torch elsewhere), torch, triton."""
+    nan_policy: str = "stop"
+    """On a non-finite loss or gradient norm: stop (error naming the step and per-source losses) or
+    skip (drop that update on every rank; needs ZeRO >= 1 or bf16/fp16; see engine/nan_policy.py)."""
     stop_at_step: Optional[int] = None
     """End this job after this step (with a checkpoint) without changing the lr schedule, which
     still runs to max_steps; the next launch resumes. For jobs shorter than the whole run."""
@@ -121,8 +124,14 @@ class CheckpointConfig:
 
     every_steps: int = 0
     """Save every N steps (0 = only at the end)."""
+    every_minutes: float = 0.0
+    """Also save when this many minutes passed since the last save (0 = off). Rank 0's clock
+    decides for all ranks."""
     keep_last: int = 2
     """Keep the newest K checkpoints; older ones are deleted after a newer one is complete."""
+    keep_best: int = 0
+    """Also keep the M checkpoints with the lowest eval loss (0 = off); <run_dir>/checkpoints/best
+    names the best one."""
     resume: str = "auto"
     """auto (continue from the newest complete checkpoint in run_dir), none, or a checkpoint dir."""
     export_at_end: bool = True
@@ -143,10 +152,27 @@ class LogConfig:
     """Prompts answered greedily before and after training (and every sample_every steps)."""
     sample_every: int = 0
     """Generate answers for sample_prompts every N steps into TensorBoard text (0 = only ends)."""
+    sample_expected: list[str] = field(default_factory=list)
+    """Optional exact answers to sample_prompts: the before/after report then counts exact hits."""
     sample_max_new_tokens: int = 48
     """Length limit of generated sample answers."""
     peak_tflops: float = 0.0
     """Peak TFLOP/s of one device for MFU; 0 = detect (known GPUs) or skip MFU."""
+    deepspeed_log_level: str = "warning"
+    """Level of DeepSpeed's own logger on every rank: debug, info, warning, error. Warnings and
+    errors always show; info prints DeepSpeed's configuration dumps."""
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation on held-out data (data.sources[i].eval_fraction / eval_count) and data.eval_sources."""
+
+    every_steps: int = 0
+    """Evaluate every N optimizer steps (0 = only at the end)."""
+    at_end: bool = True
+    """Evaluate after the last step."""
+    micro_batch_size: int = 0
+    """Sequences per rank per eval forward; 0 = train.micro_batch_size."""
 
 
 @dataclass
@@ -161,6 +187,11 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    stages: list[dict] = field(default_factory=list)
+    """Training stages run one after another, each a partial config applied on top of this one
+    (a `name` plus any sections, e.g. {name: sft, train: {kind: sft, lr: 1e-5}, data: {...}}),
+    into <run_dir>/<name>/, each starting from the previous stage's export (engine/stages.py)."""
     world_size: Optional[int] = None
     """Expected number of ranks; when set, a launch with another world size fails fast."""
     dist_timeout_minutes: float = 30.0
@@ -171,6 +202,7 @@ class RunConfig:
         _one_of("train.kind", self.train.kind, ("sft", "cpt"))
         _one_of("train.optimizer_impl", self.train.optimizer_impl, ("auto", "torch", "fused", "cpu_adam"))
         _one_of("train.loss_backend", self.train.loss_backend, ("auto", "torch", "triton"))
+        _one_of("train.nan_policy", self.train.nan_policy, ("stop", "skip"))
         if self.train.stop_at_step is not None and not 1 <= self.train.stop_at_step <= self.train.max_steps:
             raise ConfigError(f"train.stop_at_step: must be in [1, train.max_steps], got {self.train.stop_at_step}")
         _one_of("checkpoint.export_dtype", self.checkpoint.export_dtype, ("auto", "fp32", "bf16", "fp16"))
@@ -181,10 +213,27 @@ class RunConfig:
             raise ConfigError(f"train.lr: must be > 0, got {self.train.lr}")
         if self.train.warmup_steps is not None and not 0 <= self.train.warmup_steps <= self.train.max_steps:
             raise ConfigError(f"train.warmup_steps: must be in [0, train.max_steps], got {self.train.warmup_steps}")
+        if self.log.sample_expected and len(self.log.sample_expected) != len(self.log.sample_prompts):
+            raise ConfigError(f"log.sample_expected: {len(self.log.sample_expected)} answers for "
+                              f"{len(self.log.sample_prompts)} log.sample_prompts")
         if self.checkpoint.keep_last < 1:
             raise ConfigError(f"checkpoint.keep_last: must be >= 1, got {self.checkpoint.keep_last}")
+        for key in ("checkpoint.keep_best", "checkpoint.every_steps", "checkpoint.every_minutes"):
+            if _get(self, key) < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {_get(self, key)}")
+        _one_of("log.deepspeed_log_level", self.log.deepspeed_log_level, ("debug", "info", "warning", "error"))
+        for key in ("eval.every_steps", "eval.micro_batch_size"):
+            if _get(self, key) < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {_get(self, key)}")
         if not self.model.path and self.tokenizer.vocab_size < 300:
             raise ConfigError("tokenizer.vocab_size: a byte-level BPE needs >= 300 (256 bytes + specials)")
+        if self.stages:
+            from engine.stages import expand_stages  # stages builds on this module; import late
+
+            # The base is a template for its stages (it may leave data.sources to them): every
+            # stage, merged, must validate instead.
+            expand_stages(self)
+            return
         try:
             self.data.validate("data")
         except DataConfigError as e:
@@ -345,6 +394,13 @@ def load_config(path: Optional[str | Path], overrides: list[str] = ()) -> RunCon
     return cfg
 
 
+def build_config(tree: dict) -> RunConfig:
+    """A validated RunConfig from a plain mapping (as `to_dict` gives, or a merged stage tree)."""
+    cfg = _build(RunConfig, tree, "")
+    cfg.validate()
+    return cfg
+
+
 # ----------------------------------------------------------------------------------------------
 # field docs -> help text
 
@@ -394,7 +450,7 @@ def config_help(cls: type = RunConfig, prefix: str = "") -> str:
 
 
 __all__ = [
-    "CheckpointConfig", "ConfigError", "DataConfig", "FromScratchConfig", "LogConfig",
+    "CheckpointConfig", "ConfigError", "DataConfig", "EvalConfig", "FromScratchConfig", "LogConfig",
     "ModelConfig", "RunConfig", "SourceSpec", "TokenizerConfig", "TrainConfig",
-    "config_help", "field_docs", "load_config", "parse_override", "to_dict",
+    "build_config", "config_help", "field_docs", "load_config", "parse_override", "to_dict",
 ]

@@ -30,8 +30,63 @@ def detect_peak_tflops() -> float:
 
 
 def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the matmuls plus 12*L*h*s for attention scores (PaLM)."""
+    """Training FLOPs per token (PaLM, appendix B): 6N + 12*L*h*s.
+
+    6N: each weight of a matmul does one multiply-add (2 FLOPs) per token forward and two backward
+    (input and weight gradients). N must count matmul weights only (`matmul_parameters`): the input
+    embedding is a table lookup. 12*L*h*s: per layer QK^T and AV are each 2*h*s FLOPs forward per
+    token, times 3 for forward + backward; the full s x s square, as the kernels compute it."""
     return 6.0 * n_params + 12.0 * n_layers * hidden * seq_len
+
+
+def matmul_parameters(model: torch.nn.Module) -> int:
+    """Weights (and biases) of the model's Linear layers, the lm_head included, tied or not.
+
+    Not `count_parameters`: an untied input embedding is a lookup, not a matmul, and would inflate
+    MFU by 6*vocab*hidden FLOPs per token (a third of the total for a 0.5B model)."""
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            for p in module.parameters(recurse=False):
+                if id(p) not in seen:  # a tied weight is one matmul per use, counted once per module
+                    seen.add(id(p))
+                    total += getattr(p, "ds_numel", p.numel())
+    return total
+
+
+def quiet_library_logging(rank: int, deepspeed_level: str) -> None:
+    """One console voice. DeepSpeed's logger gets `deepspeed_level` on every rank (warnings and
+    errors still show everywhere: a failing rank must be heard). Python deprecation warnings from
+    libraries repeat identically on every rank, so ranks other than 0 drop them."""
+    import warnings
+
+    from deepspeed.utils import logger as ds_logger
+    from deepspeed.utils.logging import set_log_level_from_string
+
+    set_log_level_from_string(deepspeed_level, custom_logger=ds_logger)
+    if rank != 0:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars, one per rank otherwise
+
+
+def flatten_for_hparams(config: dict, prefix: str = "") -> dict[str, object]:
+    """Nested config -> {"train.lr": 0.001, ...}: the hparams plugin takes scalars and strings only."""
+    flat: dict[str, object] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_for_hparams(value, name + "."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        elif value is None:
+            flat[name] = "none"
+        else:  # lists (sources, prompts, stages): one readable string
+            flat[name] = json.dumps(value, ensure_ascii=False, default=str)
+    return flat
 
 
 class Monitor:
@@ -54,9 +109,28 @@ class Monitor:
         self._bar_args = dict(total=total_steps, initial=start_step, desc="train", unit="step",
                               dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
 
-    def log_config(self, config: dict) -> None:
+    def log_config(self, config: dict, metric_tags: tuple[str, ...] = ("train/loss",)) -> None:
+        """The run config as text and as hparams (one row per run in the HPARAMS tab, with the
+        final value of each metric tag, so runs of a sweep compare side by side)."""
+        if self.writer is None:
+            return
+        self.writer.add_text("config", "```\n" + json.dumps(config, indent=1, ensure_ascii=False) + "\n```", 0)
+        from torch.utils.tensorboard.summary import hparams
+
+        # Written into this run's own event file (SummaryWriter.add_hparams would open a new run
+        # folder per call); the metric values are read from the run's scalars of these tags.
+        for summary in hparams(flatten_for_hparams(config), {tag: 0.0 for tag in metric_tags}):
+            self.writer.file_writer.add_summary(summary)
+
+    def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        """Scalars outside the step rhythm (evaluation): TensorBoard and metrics.jsonl, no bar update."""
+        if self.rank != 0:
+            return
         if self.writer is not None:
-            self.writer.add_text("config", "```\n" + json.dumps(config, indent=1, ensure_ascii=False) + "\n```", 0)
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, step)
+        self.metrics.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.metrics.flush()
 
     def step_timer(self) -> float:
         """Seconds since the last call (the wall time of one optimizer step)."""

@@ -10,10 +10,11 @@ One optimizer step:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
-import math
 import os
-import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,16 +26,22 @@ import torch.distributed as dist
 from data_pipeline.accounting import consumed_sample_ids, source_counts
 from data_pipeline.prepare import prepare_sources
 from data_pipeline.shards import open_prepared
-from data_pipeline.stream import SFTStream
+from data_pipeline.stream import SFTStream, StreamStateError
 from data_pipeline.tokenizer import is_complete_tokenizer_dir, load_tokenizer, train_bpe_tokenizer
-from engine import checkpoint
-from engine.config import RunConfig, to_dict
+from engine import checkpoint, reshard, signals
+from engine.config import ConfigError, RunConfig, to_dict
 from engine.ds_config import build_ds_config
 from engine.export import export_hf
 from engine.loss import CausalLMWithMaskedLoss, count_targets, scaled_for_deepspeed
 from engine.model import build_model, count_parameters
-from engine.monitor import Monitor, flops_per_token, memory_scalars, mfu
-from engine.rules import check_rules_of_thumb
+from engine.consumption import SourceConsumption
+from engine.evaluate import EvalSet, evaluate, split_training_sources
+from engine.monitor import Monitor, flops_per_token, matmul_parameters, memory_scalars, mfu, quiet_library_logging
+from engine.nan_policy import check_policy_supported, step_was_skipped
+from engine.rules import check_epochs, check_rules_of_thumb
+from engine.run_compat import ResumeConfigError, check_resume_config
+from engine.save_schedule import SaveSchedule
+from engine.stages import run_stages
 
 PREEMPTED = "PREEMPTED"
 MODEL_INPUT_KEYS = ("input_ids", "labels", "attention_mask", "position_ids", "source_index")
@@ -119,13 +126,32 @@ def setup_data(cfg: RunConfig, tokenizer, run_dir: Path, ranks: Ranks, monitor: 
     return sources
 
 
-def setup_engine(cfg: RunConfig, model, ranks: Ranks, repo_root: Path):
+def setup_eval_data(cfg: RunConfig, tokenizer, run_dir: Path, ranks: Ranks) -> list[EvalSet]:
+    """data.eval_sources, prepared like training sources (same tokenizer, template, masking)."""
+    if not cfg.data.eval_sources:
+        return []
+    eval_cfg = dataclasses.replace(cfg.data, sources=cfg.data.eval_sources, eval_sources=[])
+    out_dir = Path(cfg.data.prepared_dir) if cfg.data.prepared_dir else run_dir / "data"
+    if _is_main(ranks):
+        prepare_sources(eval_cfg, tokenizer, out_dir, show_progress=True)
+    _barrier()
+    return [EvalSet(s.name, s) for s in open_prepared(eval_cfg, tokenizer, out_dir)]
+
+
+def setup_engine(cfg: RunConfig, model, ranks: Ranks, repo_root: Path,
+                 resume: Optional[reshard.ResumeSource] = None):
     import deepspeed
 
     on_cuda = torch.cuda.is_available()
     ds_config = build_ds_config(cfg, ranks.world_size, on_cuda=on_cuda, base_dir=repo_root)
+    ds_config = reshard.ds_config_for(resume, ds_config)  # load_universal after a world-size change
     params = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+    scheduler = None
+    if "scheduler" not in ds_config:  # the DeepSpeed config may bring its own; else ours
+        scheduler = functools.partial(warmup_cosine, warmup=cfg.warmup_steps, total=cfg.train.max_steps,
+                                      min_ratio=cfg.train.min_lr_ratio)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
+                                           lr_scheduler=scheduler)
     return engine, ds_config
 
 
@@ -167,11 +193,14 @@ class Trainer:
         self.repo_root = repo_root
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
-        self._stop_signal: Optional[int] = None
+        # (step, eval loss) of the latest evaluation; a checkpoint saved at that step records the
+        # loss as its metric for checkpoint.keep_best. Evaluate before saving at the same step.
+        self.last_eval: Optional[tuple[int, float]] = None
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, ranks = self.cfg, self.ranks
+        quiet_library_logging(ranks.rank, cfg.log.deepspeed_log_level)
         if _is_main(ranks):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             for warning in check_rules_of_thumb(cfg):
@@ -180,17 +209,26 @@ class Trainer:
         self.tokenizer = setup_tokenizer(cfg, self.run_dir, ranks)
         self.start_step = 0
         resume_from = self._resume_checkpoint()
+        resume_source = None
         if resume_from is not None:
-            self.start_step = json.loads((resume_from / "trainer_state.json").read_text())["step"]
+            self.start_step = checkpoint.read_trainer_state(resume_from)["step"]
+            resume_source = self._prepare_resume(resume_from)
         self.monitor = Monitor(self.run_dir, rank=ranks.rank, enabled_tb=cfg.log.tensorboard,
                                total_steps=cfg.train.max_steps, start_step=self.start_step,
                                peak_tflops=cfg.log.peak_tflops, world_size=ranks.world_size)
         sources = setup_data(cfg, self.tokenizer, self.run_dir, ranks, self.monitor)
+        # Held-out samples leave the training sources here, before the schedule sees them.
+        sources, held_out = split_training_sources(sources, cfg.data.sources)
+        self.eval_sets = held_out + setup_eval_data(cfg, self.tokenizer, self.run_dir, ranks)
         model = build_model(cfg.model, self.tokenizer, seed=cfg.train.seed)
         self.n_params = count_parameters(model)
         wrapped = CausalLMWithMaskedLoss(model, num_sources=len(sources), backend=cfg.train.loss_backend)
-        self.engine, self.ds_config = setup_engine(cfg, wrapped, ranks, self.repo_root)
+        self.engine, self.ds_config = setup_engine(cfg, wrapped, ranks, self.repo_root, resume_source)
         self.zero_stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        try:
+            check_policy_supported(cfg.train.nan_policy, self.zero_stage, cfg.model.dtype)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.stream = SFTStream(
             sources, cfg.data.sources, seq_len=cfg.data.seq_len, global_batch_size=cfg.train.global_batch_size,
             micro_batch_size=cfg.train.micro_batch_size, rank=ranks.rank, world_size=ranks.world_size,
@@ -198,20 +236,47 @@ class Trainer:
             total_steps=cfg.train.max_steps,
         )
         self.source_names = [s.name for s in cfg.data.sources]
+        self.consumption = SourceConsumption.from_quotas(self.source_names, self.stream.plan.quotas)
         if resume_from is not None:
-            state = checkpoint.load(self.engine, resume_from)
-            self.stream.load_state_dict(state["data"])
+            state = checkpoint.load(self.engine, resume_from, source=resume_source)
+            try:
+                self.stream.load_state_dict(state["data"])
+            except StreamStateError as e:  # e.g. train.max_steps changed the per-source quotas
+                raise ResumeConfigError(f"{resume_from}: {e}") from None
+            self.consumption.load_state_dict(state.get("consumption", {}))
             self.monitor.print(f"resumed from {resume_from} at step {self.start_step}")
         hf = model.config
-        self.flops_tok = flops_per_token(self.n_params, hf.num_hidden_layers, hf.hidden_size, cfg.data.seq_len)
+        self.flops_tok = flops_per_token(matmul_parameters(model), hf.num_hidden_layers, hf.hidden_size,
+                                         cfg.data.seq_len)
         self.monitor.print(
             f"model: {self.n_params / 1e6:.2f}M parameters, vocab {len(self.tokenizer)}, ZeRO-{self.zero_stage}, "
             f"{ranks.world_size} rank(s), grad accumulation {self.stream.grad_accum}, "
             f"{sum(len(s) for s in sources)} samples in {len(sources)} source(s)"
         )
+        if _is_main(ranks):
+            for warning in check_epochs(cfg.train.kind, self.source_names, [len(s) for s in sources],
+                                        self.stream.plan.quotas):
+                print(f"warning: {warning}", flush=True)
         if self.start_step == 0:
-            self.monitor.log_config(to_dict(cfg))
+            eval_tags = [f"eval/{e.name}/loss" for e in self.eval_sets] + (["eval/loss"] if self.eval_sets else [])
+            self.monitor.log_config(to_dict(cfg), metric_tags=("train/loss", *eval_tags))
+        self.save_schedule = SaveSchedule(cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
         self._install_signal_handlers()
+
+    def _prepare_resume(self, ckpt: Path) -> reshard.ResumeSource:
+        """Refuse an incompatible config; convert to the universal format if the world size changed."""
+        saved_config = checkpoint.read_run_config(ckpt)
+        if saved_config is not None:
+            for change in check_resume_config(saved_config, to_dict(self.cfg), checkpoint=str(ckpt)):
+                if _is_main(self.ranks):
+                    print(f"resume: config changed (allowed): {change}", flush=True)
+        source = reshard.plan_resume(ckpt, self.ranks.world_size)
+        if _is_main(self.ranks):
+            print(source.describe(), flush=True)
+            if source.universal:
+                reshard.convert_to_universal(ckpt)
+        _barrier()
+        return source
 
     def _resume_checkpoint(self) -> Optional[Path]:
         mode = self.cfg.checkpoint.resume
@@ -227,11 +292,8 @@ class Trainer:
     def _install_signal_handlers(self) -> None:
         # SLURM sends SIGUSR1 before the time limit, schedulers SIGTERM before preemption: finish
         # the current step, save, and exit cleanly so that a requeued job resumes from here.
-        def request_stop(signum, _frame):
-            self._stop_signal = signum
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, request_stop)
+        # (launcher/run.py installs them first thing; this covers other entry points.)
+        signals.install()
 
     # -- train ---------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -247,8 +309,12 @@ class Trainer:
         while step < end:
             data_state = self.stream.state_dict()  # the position before this step's batch
             micro_batches = self.stream.next_step()
-            local = [sum(count_targets(mb["labels"]) for mb in micro_batches), int(self._stop_signal is not None)]
-            global_count, stop = self._all_reduce_ints(local)
+            # One all-reduce: the global target count, any rank's stop signal, rank 0's save clock.
+            time_due = _is_main(self.ranks) and self.save_schedule.time_due()
+            stop_signal = signals.stop_requested() is not None
+            local = [sum(count_targets(mb["labels"]) for mb in micro_batches), int(stop_signal),
+                     int(time_due)]
+            global_count, stop, save_due = self._all_reduce_ints(local)
             if stop:
                 self._save(step, data_state)
                 self._mark_preempted(step)
@@ -264,11 +330,15 @@ class Trainer:
             lr = engine.get_lr()[0]
             loss_sums = torch.zeros(len(self.source_names), dtype=torch.float64)
             target_counts = torch.zeros(len(self.source_names), dtype=torch.int64)
+            own_grad_norm = None
+            skipped_before = engine.skipped_steps
             for mb in micro_batches:
                 inputs = {k: v.to(engine.device) for k, v in mb.items() if k in MODEL_INPUT_KEYS}
                 mb_loss_sums, mb_counts = engine(**inputs)
                 engine.backward(scaled_for_deepspeed(mb_loss_sums.sum(), global_count, self.ranks.world_size,
                                                      len(micro_batches)))
+                if engine.is_gradient_accumulation_boundary():
+                    own_grad_norm = _grad_norm_if_not_tracked(engine)
                 engine.step()
                 loss_sums += mb_loss_sums.detach().double().cpu()
                 target_counts += mb_counts.detach().cpu()
@@ -276,16 +346,23 @@ class Trainer:
             counts["response_tokens"] = target_counts.tolist()  # what the loss counted (after the shift)
             totals = StepTotals.all_reduced(loss_sums, counts)
             last_loss = totals.loss
-            if not math.isfinite(last_loss):
-                raise FloatingPointError(f"step {step}: non-finite loss {last_loss}; per-source losses "
-                                         f"{totals.describe(self.source_names)}")
-            self._log_step(step, totals, lr)
-            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < cfg.train.max_steps:
+            if step_was_skipped(cfg.train.nan_policy, step, last_loss, engine.skipped_steps > skipped_before,
+                                loss_scaling=engine.fp16_enabled(),
+                                describe_sources=lambda: totals.describe(self.source_names)):
+                monitor.print(f"step {step}: non-finite loss or gradient norm; update skipped "
+                              f"(train.nan_policy=skip), loss {last_loss}")
+            self.consumption.add(totals.samples, totals.tokens, totals.response_tokens)
+            self._log_step(step, totals, lr, own_grad_norm)
+            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.train.max_steps:
+                self._evaluate(step)  # before a save at this step: keep_best reads its loss
+            if (save_due or self.save_schedule.step_due(step)) and step < cfg.train.max_steps:
                 self._save(step)
             if cfg.log.sample_every and prompts and step % cfg.log.sample_every == 0:
                 answers = generate_answers(engine, self.tokenizer, prompts, cfg.log.sample_max_new_tokens, self.zero_stage)
                 monitor.log_text("samples", _samples_markdown(prompts, answers), step)
         monitor.end_progress()
+        if step == cfg.train.max_steps and (cfg.eval.at_end or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0)):
+            self._evaluate(step)
         self._save(step)
         if step < cfg.train.max_steps:  # stop_at_step: this job's share is done, the run is not
             monitor.print(f"stopped at step {step} of {cfg.train.max_steps} (train.stop_at_step); "
@@ -295,9 +372,7 @@ class Trainer:
         if prompts:
             after = generate_answers(engine, self.tokenizer, prompts, cfg.log.sample_max_new_tokens, self.zero_stage)
             if before:
-                monitor.print("\nanswers before -> after training:")
-                for p, b, a in zip(prompts, before, after):
-                    monitor.print(f"  Q: {p}\n     before: {b!r}\n     after:  {a!r}")
+                monitor.print(_before_after_report(prompts, before, after, cfg.log.sample_expected))
             monitor.log_text("samples", _samples_markdown(prompts, after), step)
         export_dir = None
         if cfg.checkpoint.export_at_end:
@@ -308,13 +383,29 @@ class Trainer:
         return {"step": step, "final_loss": last_loss, "before": before, "after": after,
                 "export_dir": str(export_dir) if export_dir else None}
 
+    def _evaluate(self, step: int) -> None:
+        """Token-weighted loss of every eval set (all ranks), logged as eval/<name>/loss."""
+        if not self.eval_sets:
+            return
+        start = time.perf_counter()
+        results = evaluate(self.engine, self.eval_sets, rank=self.ranks.rank, world_size=self.ranks.world_size,
+                           seq_len=self.cfg.data.seq_len,
+                           micro_batch_size=self.cfg.eval.micro_batch_size or self.cfg.train.micro_batch_size,
+                           pad_id=self.tokenizer.pad_token_id, mask_format=self.stream.mask_format)
+        if "eval/loss" in results:
+            self.last_eval = (step, results["eval/loss"])
+        self.monitor.log_scalars(step, {**results, "perf/eval_seconds": time.perf_counter() - start})
+        losses = [(e.name, results.get(f"eval/{e.name}/loss")) for e in self.eval_sets] + [("all", results.get("eval/loss"))]
+        self.monitor.print(f"eval loss at step {step}: " + ", ".join(f"{n} {v:.4f}" for n, v in losses if v is not None))
+        self.monitor.step_timer()  # evaluation time is not the next step's time
+
     def _all_reduce_ints(self, values: list[int]) -> list[int]:
         t = torch.tensor(values, dtype=torch.int64)
         if dist.is_initialized():
             dist.all_reduce(t)
         return [int(v) for v in t]
 
-    def _log_step(self, step: int, totals: "StepTotals", lr: float) -> None:
+    def _log_step(self, step: int, totals: "StepTotals", lr: float, own_grad_norm: Optional[float]) -> None:
         dt = self.monitor.step_timer()
         if step % self.cfg.log.every_steps and step != self.cfg.train.max_steps:
             return
@@ -330,6 +421,8 @@ class Trainer:
             **memory_scalars(),
         }
         grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = own_grad_norm
         if grad_norm is not None:
             scalars["train/grad_norm"] = float(grad_norm)
         util = mfu(tokens / dt / self.ranks.world_size, self.flops_tok, self.monitor.peak_tflops)
@@ -341,6 +434,7 @@ class Trainer:
             scalars[f"source/{name}/response_tokens"] = float(totals.response_tokens[i])
             if totals.response_tokens[i] > 0:
                 scalars[f"source/{name}/loss"] = totals.loss_sum[i] / totals.response_tokens[i]
+        scalars.update(self.consumption.scalars())
         self.monitor.log_step(step, scalars)
 
     def _log_sample_ids(self, step: int, micro_batches: list[dict]) -> None:
@@ -354,9 +448,18 @@ class Trainer:
 
     def _save(self, step: int, data_state: Optional[dict] = None) -> None:
         data_state = self.stream.state_dict() if data_state is None else data_state
-        state = {"step": step, "data": data_state, "world_size": self.ranks.world_size, "time": time.time()}
-        path = checkpoint.save(self.engine, self.ckpt_root, step, state, keep_last=self.cfg.checkpoint.keep_last)
+        state = {"step": step, "data": data_state, "world_size": self.ranks.world_size, "time": time.time(),
+                 "consumption": self.consumption.state_dict()}
+        path = checkpoint.save(
+            self.engine, self.ckpt_root, step, state, keep_last=self.cfg.checkpoint.keep_last,
+            keep_best=self.cfg.checkpoint.keep_best, metric=self._metric_at(step),
+            run_config=to_dict(self.cfg), hf_model=self.engine.module.lm, tokenizer=self.tokenizer,
+        )
+        self.save_schedule.saved()
         self.monitor.print(f"saved checkpoint {path}")
+
+    def _metric_at(self, step: int) -> Optional[float]:
+        return self.last_eval[1] if self.last_eval is not None and self.last_eval[0] == step else None
 
     def _mark_preempted(self, step: int) -> None:
         if _is_main(self.ranks):
@@ -369,11 +472,45 @@ class Trainer:
             monitor.close()
 
 
+def _grad_norm_if_not_tracked(engine) -> Optional[float]:
+    """DeepSpeed reports the global gradient norm only from its ZeRO/mixed-precision optimizers;
+    without them (ZeRO-0, fp32) the full reduced gradients are on every rank: compute it here."""
+    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return None
+    squares = [p.grad.detach().double().pow(2).sum() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+
+
+def _before_after_report(prompts: list[str], before: list[str], after: list[str], expected: list[str]) -> str:
+    lines = ["", "answers before -> after training:"]
+    for i, (p, b, a) in enumerate(zip(prompts, before, after)):
+        lines.append(f"  Q: {p}")
+        if expected:
+            lines.append(f"     expected: {expected[i]!r}")
+        lines += [f"     before:   {b!r}", f"     after:    {a!r}"]
+    if expected:
+        right = [sum(x.strip() == e.strip() for x, e in zip(answers, expected)) for answers in (before, after)]
+        lines.append(f"  exact answers: {right[0]}/{len(expected)} before, {right[1]}/{len(expected)} after")
+    return "\n".join(lines)
+
+
 def _samples_markdown(prompts: list[str], answers: list[str]) -> str:
     return "\n\n".join(f"**Q:** {p}\n\n**A:** {a}" for p, a in zip(prompts, answers))
 
 
 def run(cfg: RunConfig, ranks: Ranks, repo_root: Path) -> dict:
+    """Train the run, or each of its stages in turn (engine/stages.py)."""
+    if cfg.stages:
+        def say(text: str) -> None:
+            if _is_main(ranks):
+                print(text, file=sys.stderr, flush=True)
+
+        return run_stages(cfg, is_main=_is_main(ranks), say=say,
+                          run_one=lambda stage_cfg: run_single(stage_cfg, ranks, repo_root))
+    return run_single(cfg, ranks, repo_root)
+
+
+def run_single(cfg: RunConfig, ranks: Ranks, repo_root: Path) -> dict:
     trainer = Trainer(cfg, ranks, repo_root)
     try:
         trainer.setup()

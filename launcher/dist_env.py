@@ -315,7 +315,8 @@ def mpi4py_broadcast(value: object) -> object:
 
 
 def find_free_port() -> int:
-    """A port the OS considers free now (it may be taken again before use; the caller retries)."""
+    """A port the OS considers free now. Another process could still take it before the store
+    binds it; the rendezvous then fails with "address in use" rather than hanging."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("", 0))
         return int(probe.getsockname()[1])

@@ -24,6 +24,7 @@ if str(REPO_ROOT) not in sys.path:  # `deepspeed launcher/run.py` runs this file
     sys.path.insert(0, str(REPO_ROOT))
 
 
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="run config YAML")
@@ -111,4 +112,10 @@ def _shutdown(clean: bool) -> None:
 
 
 if __name__ == "__main__":
+    from engine import signals  # light: no torch
+
+    # Before the heavy imports: a SIGUSR1 (SLURM's time-limit warning) during start-up must request
+    # a stop, not kill the process by Python's default action. Only here, not at import: spawned
+    # data workers import this module and must keep the default handlers.
+    signals.install()
     sys.exit(main())

@@ -28,7 +28,6 @@ A run that ends without the marker (finished or crashed) is never requeued.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shlex
 import subprocess
@@ -208,6 +207,9 @@ def _sbatch_directives(request: SbatchRequest) -> list[str]:
 
 def _srun_command(request: SbatchRequest) -> str:
     srun = ["srun", "--kill-on-bad-exit=1", "--label"]
+    if request.cpus_per_task is not None:
+        # SLURM 22.05+ srun no longer inherits the job's --cpus-per-task; say it again.
+        srun.append(f"--cpus-per-task={request.cpus_per_task}")
     if request.container:
         mounts = ",".join(sorted({f"{path}:{path}" for path in
                                   (request.workdir, request.run_dir, REPO_ROOT)}))
@@ -236,7 +238,8 @@ def render_sbatch(request: SbatchRequest) -> str:
 {chr(10).join(_sbatch_directives(request))}
 set -uo pipefail
 
-echo "[sbatch] job ${{SLURM_JOB_ID}} restart ${{SLURM_RESTART_COUNT:-0}} on ${{SLURM_JOB_NODELIST}} at $(date -Is)"
+echo "[sbatch] job ${{SLURM_JOB_ID}} restart ${{SLURM_RESTART_COUNT:-0}}" \
+     "on ${{SLURM_JOB_NODELIST}} at $(date -Is)"
 
 # Rendezvous for torch.distributed: rank 0 runs on the first node of the allocation; the port
 # comes from the job id, so a requeued job (same id) reuses it (launcher/dist_env.py agrees).

@@ -40,6 +40,18 @@ def _clean_deepspeed_shm():
             pass
 
 
+@pytest.fixture(scope="session", autouse=True)
+def deepspeed_ops_built() -> None:
+    """Build DeepSpeed's CPU shared-memory all-reduce op once, in this process, before any test
+    launches ranks: otherwise every rank compiles it on first use and they race for the build lock
+    (a rank killed while holding it leaves a lock that hangs every later build)."""
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        builder.load()
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

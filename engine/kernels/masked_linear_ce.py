@@ -6,11 +6,13 @@ Algorithm (forward computes the gradients too, as Liger-Kernel does):
   2. Kept rows are processed in chunks of `chunk_rows`. For each chunk, one fp32 [rows, V] logits
      buffer is formed, reduced to the per-row loss, and turned in place into softmax - onehot.
   3. That buffer immediately yields the chunk's dH rows (scattered into a zero [N, d]) and is
-     accumulated into a float32 dW (and dB); then it is freed. No [N, V] or [kept, V] tensor exists.
+     accumulated into a float32 dW (and dB); the next chunk reuses it. No [N, V] or [kept, V]
+     tensor ever exists.
   4. backward only scales the stored gradients by grad_output.
 Computing gradients in forward costs 3 matmuls of kept x d x V; saving the log-sum-exp and
-recomputing logits in backward costs 4, which was measured ~30% slower on CPU. When no input needs
-a gradient (evaluation, torch.no_grad) only the loss is computed.
+recomputing the logits in backward would cost 4 (a third more of the dominant work), so gradients
+are formed in forward. When no input needs a gradient (evaluation, torch.no_grad) only the loss is
+computed, with no gradient buffers.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ from engine.kernels.row_cross_entropy_torch import row_cross_entropy_torch_
 
 RowCrossEntropy = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
 
-# fp32 logits bytes per chunk. On CPU it bounds the extra memory (the goal is dW + dH plus ~25%).
-# Measured at N=4096, d=1024, V=32000, 50% prompt on 2 cores: 64 rows (8 MiB) -> 2.9 s and
-# 1.12x the dW+dH floor; 128 rows -> 2.2 s and 1.26x; 192 rows -> 2.4 s and 1.44x. On GPU bigger
-# chunks mean fewer read-modify-write passes over the fp32 dW.
-CPU_CHUNK_LOGITS_BYTES = 8 * 2**20
+# fp32 logits bytes per chunk. On CPU it bounds the extra memory (the goal is dW + dH plus ~25%):
+# peak extra RSS at N=4096, d=1024, V=32000, 50% prompt was 1.15x the dW + dH floor with 128 rows
+# (16 MiB), 1.22x with 192 and 1.29x with 256. On GPU bigger chunks mean fewer read-modify-write
+# passes over the fp32 dW; for bf16 a half-size bf16 copy of the chunk's gradient comes on top.
+CPU_CHUNK_LOGITS_BYTES = 16 * 2**20
 CUDA_CHUNK_LOGITS_BYTES = 1 * 2**30
 CHUNK_ROW_MULTIPLE = 16
 
@@ -95,14 +97,14 @@ def chunked_cross_entropy(
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needed.weight else None
     grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if needed.bias else None
     # One logits buffer reused by every chunk: a fresh 16 MiB+ block per chunk fragments the CPU
-    # heap (measured +30% peak RSS) and costs page faults.
-    logits_buffer = torch.empty(
-        min(chunk_rows, kept_rows.numel()), weight.shape[0], dtype=torch.float32, device=hidden.device
+    # heap (measured +17% peak extra RSS) and costs page faults.
+    logits_storage = torch.empty(
+        min(chunk_rows, kept_rows.numel()) * weight.shape[0], dtype=torch.float32, device=hidden.device
     )
     for start in range(0, kept_rows.numel(), chunk_rows):
         rows = kept_rows[start : start + chunk_rows]
         hidden_chunk = hidden.index_select(0, rows).to(weight_operand.dtype)
-        logits = mm_fp32_into(hidden_chunk, weight_operand.T, out=logits_buffer[: rows.numel()])
+        logits = chunk_logits_into(logits_storage, hidden_chunk, weight_operand)
         if bias_fp32 is not None:
             logits.add_(bias_fp32)
         loss_sum += row_cross_entropy_(logits, kept_labels[start : start + chunk_rows], needed.any)
@@ -121,6 +123,21 @@ def chunked_cross_entropy(
         grad_weight=None if grad_weight is None else grad_weight.to(weight.dtype),
         grad_bias=None if grad_bias is None else grad_bias.to(bias.dtype),
     )
+
+
+def chunk_logits_into(storage: torch.Tensor, hidden_chunk: torch.Tensor, weight_operand: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [rows, V] of the chunk, written into the front of `storage`.
+
+    On CPU the logits are laid out vocab-major (a [rows, V] view of a contiguous [V, rows]
+    block): the CPU matmul into a row-major [rows, V] output allocates a second output-sized
+    temporary (measured), the vocab-major product W H^T does not, and the dH and dW products then
+    read it without copies either. On CUDA row-major keeps the Triton kernel's row reads coalesced.
+    """
+    rows, vocab = hidden_chunk.shape[0], weight_operand.shape[0]
+    if hidden_chunk.is_cuda:
+        return mm_fp32_into(hidden_chunk, weight_operand.T, out=storage[: rows * vocab].view(rows, vocab))
+    vocab_major = mm_fp32_into(weight_operand, hidden_chunk.T, out=storage[: rows * vocab].view(vocab, rows))
+    return vocab_major.T
 
 
 class _MaskedLinearCrossEntropy(torch.autograd.Function):

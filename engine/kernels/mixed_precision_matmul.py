@@ -9,10 +9,15 @@ fp32 operand (one extra V x d fp32 buffer, acceptable for the fallback path).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 SUPPORTED_DTYPES = (torch.float32,) + HALF_DTYPES
+
+# Whether torch.addmm(..., out_dtype=float32, out=acc) accepted half inputs; probed on first use.
+_fused_half_addmm_works = True
 
 
 def matmul_operand(tensor: torch.Tensor) -> torch.Tensor:
@@ -34,6 +39,22 @@ def addmm_fp32_(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
     if a.dtype == torch.float32:
         accumulator.addmm_(a, b)
         return
-    # cuBLAS reads C in fp32 and adds the half product accumulated in fp32: no half rounding of
-    # the partial sums and no V x d temporary.
-    torch.addmm(accumulator, a, b, out_dtype=torch.float32, out=accumulator)
+    global _fused_half_addmm_works
+    if _fused_half_addmm_works:
+        try:
+            # cuBLAS reads C in fp32 and adds the half product accumulated in fp32: no half
+            # rounding of the partial sums and no V x d temporary.
+            torch.addmm(accumulator, a, b, out_dtype=torch.float32, out=accumulator)
+            return
+        except RuntimeError as error:
+            _fused_half_addmm_works = False
+            warnings.warn(f"fp32-accumulating half addmm unavailable ({error}); using row slices")
+    _addmm_fp32_in_row_slices_(accumulator, a, b)
+
+
+def _addmm_fp32_in_row_slices_(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Fallback: add fp32 products of row slices of a, so the temporary stays as small as a."""
+    slice_rows = max(1, a.numel() // max(1, b.shape[1]))
+    for start in range(0, a.shape[0], slice_rows):
+        stop = start + slice_rows
+        accumulator[start:stop].add_(torch.mm(a[start:stop], b, out_dtype=torch.float32))

@@ -13,7 +13,7 @@ import torch
 def row_cross_entropy_torch_(logits: torch.Tensor, labels: torch.Tensor, write_grad: bool) -> torch.Tensor:
     """Sum over rows of (logsumexp(row) - row[label]); if write_grad, logits := softmax - onehot.
 
-    logits: contiguous float32 [rows, V], overwritten. labels: int64 [rows], all in [0, V).
+    logits: float32 [rows, V] of any strides, overwritten. labels: int64 [rows], all in [0, V).
     Returns a 0-dim float32 tensor.
     """
     target_logits = logits.gather(1, labels.unsqueeze(1)).squeeze(1)

@@ -140,6 +140,29 @@ def test_truncation_keeps_final_response(tiny_tokenizer):
     assert err.value.reason == "response_too_long"
 
 
+@pytest.mark.parametrize("jinja", [SIMPLE_CHATML_JINJA, THINK_JINJA, None])
+@HYPOTHESIS
+@given(conv=conversations(), tool_turn=st.booleans())
+def test_marked_render_equals_incremental_render(shared_tokenizer, jinja, conv, tool_turn):
+    """The two-render fast path gives the same text and spans as the 2-renders-per-turn method
+    (None = the shared tokenizer's own template, with tool calls and an inserted think block)."""
+    if tool_turn:
+        conv.messages[-1:-1] = [Message("assistant", "", [ToolCall("f", {"x": "值"})]), Message("tool", "{}"),
+                                Message("user", "再问")] if jinja else [
+            Message("assistant", conv.messages[-1].content, [ToolCall("f", {"x": 1})]), Message("tool", "{}")]
+    tokenizer = _jinja_tokenizers(jinja) if jinja else shared_tokenizer
+    template = build_template(template_spec("auto", tokenizer)).inner
+    assert template.render(conv) == template.incremental_render(conv)
+
+
+def test_marked_render_falls_back_when_the_template_edits_content():
+    template = build_template(template_spec("auto", _jinja_tokenizers(THINK_JINJA))).inner
+    plain = Conversation([Message("user", "问"), Message("assistant", "答")])
+    padded = Conversation([Message("user", "问"), Message("assistant", "  答\n")])  # `| trim` edits it
+    assert template.render(plain) == template.incremental_render(plain) and template.fallbacks == 0
+    assert template.render(padded) == template.incremental_render(padded) and template.fallbacks == 1
+
+
 def test_template_without_generation_prompt_is_refused():
     tok = make_tiny_tokenizer("{% for m in messages %}{{ m.content }}{% endfor %}")
     with pytest.raises(TemplateError, match="add_generation_prompt"):

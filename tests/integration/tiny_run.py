@@ -50,7 +50,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_env() -> dict:
+def launch_env() -> dict:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -62,7 +62,7 @@ def launch_deepspeed(config: Path, *overrides: str, num_procs: int = 2, timeout:
     """`deepspeed --num_gpus N launcher/run.py --config X` (on CPU the accelerator is the CPU)."""
     cmd = ["deepspeed", "--num_gpus", str(num_procs), "--master_port", str(free_port()),
            str(RUN_PY), "--config", str(config), *overrides]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=test_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=launch_env(), capture_output=True, text=True, timeout=timeout)
     if log is not None:
         log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr, encoding="utf-8")
     return proc

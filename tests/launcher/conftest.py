@@ -24,18 +24,6 @@ def local_slurm() -> Iterator[LocalSlurm]:
         stop_cluster(cluster)
 
 
-@pytest.fixture(scope="session")
-def deepspeed_ops_built() -> None:
-    """Build DeepSpeed's CPU all-reduce op once, here, before any launch: otherwise every rank
-    compiles it on first use (tens of seconds on a small machine), racing for the build lock
-    inside a job's time limit."""
-    from deepspeed.accelerator import get_accelerator
-
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is not None:
-        builder.load()
-
-
 @pytest.fixture
 def launch_env(tmp_path: Path, deepspeed_ops_built: None) -> dict[str, str]:
     """Environment for launched workers: one thread each (2 shared cores) and no stray rank

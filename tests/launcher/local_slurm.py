@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Optional
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
-CLIENTS = ("sbatch", "srun", "scontrol", "squeue", "sinfo", "scancel", "munge", "unmunge")
+CLIENTS = ("sbatch", "srun", "scontrol", "squeue", "sinfo", "scancel", "munge", "unmunge",
+           "setpriv")
 
 
 def find_binary(name: str) -> Optional[str]:
@@ -199,7 +200,14 @@ def _stop_process(process: subprocess.Popen, grace: float) -> None:
 def stop_cluster(cluster: LocalSlurm) -> None:
     """Cancel jobs, stop the daemons by PID (slurmd first, munged last), remove the state."""
     if "slurmctld" in cluster.processes:
+        # Jobs first: their slurmstepd and tasks are not children of slurmd once started, so a
+        # job still running when slurmd stops would outlive the cluster.
         cluster.run("scancel", "--full", "--user", "root", check=False)
+        try:
+            _wait_until(lambda: not cluster.run("squeue", "-h", check=False).stdout.strip(),
+                        30, "cancelled jobs to end")
+        except TimeoutError:
+            pass  # stop the daemons anyway; the error that led here is the one to report
     for name in ("slurmd", "slurmctld", "munged"):
         if name in cluster.processes:
             _stop_process(cluster.processes[name], grace=10)

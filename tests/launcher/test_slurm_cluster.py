@@ -14,9 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from launcher.dist_env import expand_nodelist_python, slurm_port_for_job
 from tests.launcher.local_slurm import LocalSlurm
 from tests.launcher.workers import REPO_ROOT, STANDIN, read_results, remove_shm_buffers
+
+pytestmark = pytest.mark.distributed
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
 

@@ -71,6 +71,7 @@ def test_rendezvous_and_threads_exported(config: Path) -> None:
         in script
     assert 'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK}"' in script
     assert directives(script)["cpus-per-task"] == "6"
+    assert "srun --kill-on-bad-exit=1 --label --cpus-per-task=6 " in script
     # The shell formula and dist_env's must give the same port, or ranks would disagree.
     port_expression = re.search(r"export MASTER_PORT=\$\(\( (.*) \)\)", script)[1]
     for job_id in (1, 4242, 123456):

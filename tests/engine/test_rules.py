@@ -1,0 +1,41 @@
+"""Rules of thumb across stages and epochs: each warning fires when a config strays, not otherwise."""
+
+from __future__ import annotations
+
+from engine.config import RunConfig, SourceSpec
+from engine.rules import check_epochs, check_stage_rules
+from engine.stages import Stage
+
+
+def _stage(name: str, kind: str, lr: float, train_on: str) -> Stage:
+    cfg = RunConfig()
+    cfg.train.kind, cfg.train.lr, cfg.data.train_on = kind, lr, train_on
+    cfg.data.sources = [SourceSpec(name="s", path="x")]
+    return Stage(0, name, cfg, ())
+
+
+def test_usual_pipelines_raise_no_warning():
+    assert check_stage_rules([_stage("cpt", "cpt", 1e-4, "everything"), _stage("sft", "sft", 1e-5, "all_assistant")]) == []
+    assert check_stage_rules([_stage("g", "sft", 2e-5, "all_assistant"), _stage("d", "sft", 1e-5, "all_assistant")]) == []
+
+
+def test_stage_rules_fire_and_say_why():
+    warnings = check_stage_rules([
+        _stage("general", "sft", 1e-5, "everything"),
+        _stage("domain", "sft", 5e-5, "all_assistant"),
+        _stage("late_cpt", "cpt", 1e-4, "all_assistant"),
+    ])
+    text = "\n".join(warnings)
+    assert len(warnings) == 4
+    assert "'general' is SFT with data.train_on=everything" in text
+    assert "'domain': lr 5e-05 is above the lr 1e-05" in text
+    assert "'late_cpt' is continued pretraining but data.train_on=all_assistant" in text
+    assert "'late_cpt': continued pretraining after an SFT stage" in text
+
+
+def test_epoch_rule_scales_with_data_size():
+    assert check_epochs("sft", ["small"], [5_000], [15_000]) == []  # 3 epochs of 5k: fine
+    assert len(check_epochs("sft", ["big"], [500_000], [1_000_000])) == 1  # 2 epochs of 500k: too many
+    assert len(check_epochs("sft", ["small"], [5_000], [20_000])) == 1
+    assert check_epochs("cpt", ["text"], [1_000], [4_000]) == []
+    assert "overfits" in check_epochs("cpt", ["text"], [1_000], [5_000])[0]

@@ -1,0 +1,51 @@
+"""Two stages (continued pretraining -> SFT) end to end through the real launcher."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine.stages import STAGE_COMPLETE
+from tests.integration.tiny_run import explain, launch_deepspeed, read_metrics, tiny_config, write_config
+
+pytestmark = [pytest.mark.distributed]
+
+
+def test_cpt_then_sft(tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(run_dir, zero="zero2", max_steps=4)
+    cfg["checkpoint"] = {"every_steps": 0}
+    cfg["log"] = {"every_steps": 1}
+    del cfg["data"]["sources"]
+    cfg["stages"] = [
+        {"name": "cpt", "train": {"kind": "cpt", "lr": 3e-3, "max_steps": 3},
+         "data": {"sources": [{"name": "zh_text", "path": "builtin:zh_demo?n=300&seed=3", "format": "text",
+                               "text_field": "output"}]}},
+        {"name": "sft", "train": {"kind": "sft", "max_steps": 3},
+         "data": {"sources": [{"name": "zh_demo", "path": "builtin:zh_demo?n=300", "format": "alpaca",
+                               "eval_count": 16}]}},
+    ]
+    proc = launch_deepspeed(write_config(tmp_path / "run.yaml", cfg), log=tmp_path / "run.log")
+    assert proc.returncode == 0, explain(proc)
+
+    for stage in ("cpt", "sft"):
+        assert (run_dir / stage / "export" / "config.json").is_file()
+        assert json.loads((run_dir / stage / STAGE_COMPLETE).read_text())["step"] == 3
+    cpt, sft = read_metrics(run_dir / "cpt"), read_metrics(run_dir / "sft")
+    cpt_lr = max(m["train/lr"] for m in cpt if "train/lr" in m)
+    sft_lr = max(m["train/lr"] for m in sft if "train/lr" in m)
+    assert sft_lr == pytest.approx(0.1 * cpt_lr, rel=1e-6)  # the default: 10% of the cpt lr
+    # cpt trains every token (but the first of each document, which nothing predicts); sft only
+    # the answers, a minority of each chat sample
+    cpt_share = cpt[0]["source/zh_text/response_tokens"] / cpt[0]["source/zh_text/tokens"]
+    sft_share = sft[0]["source/zh_demo/response_tokens"] / sft[0]["source/zh_demo/tokens"]
+    assert cpt_share > 0.6 and sft_share < 0.5, (cpt_share, sft_share)
+    assert any("eval/zh_demo/loss" in m for m in sft)
+    # The sft stage started from the cpt export (weights and tokenizer): a stage without a model
+    # path would have trained its own tokenizer into sft/tokenizer.
+    assert (run_dir / "cpt" / "tokenizer").is_dir() and not (run_dir / "sft" / "tokenizer").exists()
+    assert "stage 2/2 'sft'" in proc.stderr
+    assert proc.stderr.count("Loading weights: 100%") == 1  # rank 0 only
+    summary = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith('{"step"')))
+    assert summary["export_dir"].endswith("sft/export")
