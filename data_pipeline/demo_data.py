@@ -93,10 +93,16 @@ def generate(n: int, seed: int = 0) -> list[dict]:
     ]
 
 
-def demo_prompts(n: int = 8) -> list[tuple[str, str]]:
-    """Fixed (prompt, expected answer) pairs, drawn with a seed the training set never uses."""
+def demo_prompts(n: int = 8, exclude: frozenset[str] | set[str] = frozenset()) -> list[tuple[str, str]]:
+    """Fixed (prompt, expected answer) pairs, drawn with a seed the training set never uses,
+    skipping prompts in `exclude` (pass a training set's instructions for truly unseen prompts)."""
     rng = random.Random(987654321)
-    return [TASKS[i % len(TASKS)](rng) for i in range(n)]
+    out: list[tuple[str, str]] = []
+    while len(out) < n:
+        prompt, answer = TASKS[len(out) % len(TASKS)](rng)
+        if prompt not in exclude:
+            out.append((prompt, answer))
+    return out
 
 
 def parse_builtin(path: str) -> tuple[str, int, int]:

@@ -23,6 +23,7 @@ import os
 import shutil
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -36,7 +37,8 @@ from data_pipeline.encoding import EncodeSettings
 from data_pipeline.errors import DataError, FieldError, SkipExample
 from data_pipeline.formats import detect_format
 from data_pipeline.readers import RawRecord, decode_payload, input_checksum, iter_records, list_files
-from data_pipeline.shards import (FORMAT_VERSION, ShardedSource, prepared_settings, read_manifest, source_folder,
+from data_pipeline.shard_cache import default_cache_dir, is_url
+from data_pipeline.shards import (FORMAT_VERSION, MANIFEST, ShardedSource, prepared_settings, read_manifest, source_folder,
                                   token_dtype, tokenizer_fingerprint, write_index, write_manifest)
 from data_pipeline.spec import FORMATS, DataConfig, DataConfigError, SourceSpec
 from data_pipeline.templates import template_spec
@@ -141,7 +143,22 @@ def _clean_stale_temps(out_dir: Path, name: str) -> None:
             continue
 
 
-def _run_chunks(jobs: dict[str, ChunkJob], chunks: Iterator[ChunkTask], num_proc: int,
+def start_method() -> str:
+    """How to start prepare's workers. fork shares the already imported modules (a spawned worker
+    re-imports transformers and torch: seconds of CPU each), but forking a process in which other
+    threads run (torch, gloo, a Rust tokenizer thread pool) can deadlock the child on a lock held at
+    fork time (seen: the trainer's rank 0 preparing after distributed init). So: fork only while
+    this process has a single OS thread, spawn otherwise. Call it before starting any thread."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    try:
+        threads = len(os.listdir("/proc/self/task"))  # OS threads, native ones included (Linux)
+    except OSError:
+        threads = threading.active_count()
+    return "fork" if threads == 1 else "spawn"
+
+
+def _run_chunks(jobs: dict[str, ChunkJob], chunks: Iterator[ChunkTask], num_proc: int, method: str,
                 progress) -> Iterator[ChunkResult]:
     """Results of all chunks of all sources, in input order, from one pool shared by the sources
     (no pool start per source, and no idle worker at a source's tail while chunks are left)."""
@@ -152,17 +169,28 @@ def _run_chunks(jobs: dict[str, ChunkJob], chunks: Iterator[ChunkTask], num_proc
             progress.update(result.records)
             yield result
         return
-    # fork shares the already imported modules, but forking a process that runs torch, gloo or a
-    # Rust tokenizer thread pool can deadlock the child on a lock some thread held at fork time
-    # (seen: the trainer's rank 0 preparing after distributed init). Spawn there; fork only in a
-    # plain process such as the prepare CLI.
-    threaded = "torch" in sys.modules
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() and not threaded else "spawn"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the pool is the parallelism
     with multiprocessing.get_context(method).Pool(num_proc, initializer=init_worker, initargs=(jobs,)) as pool:
         for result in pool.imap(run_chunk, chunks):
             progress.update(result.records)
             yield result
+
+
+def _upload(tmp: Path, url: str, manifest: dict) -> None:
+    """Publish a finished build at an fsspec URL: an outdated manifest is removed first, then the
+    data files are uploaded, the manifest last, so that a reader never finds a manifest whose files
+    are not all in place. (Files of an older build that the new manifest does not list stay.)"""
+    from fsspec.core import url_to_fs
+
+    fs, root = url_to_fs(url)
+    if fs.exists(f"{root}/{MANIFEST}"):
+        fs.rm(f"{root}/{MANIFEST}")
+    fs.makedirs(root, exist_ok=True)
+    for path in sorted(tmp.iterdir()):
+        fs.put_file(str(path), f"{root}/{path.name}")
+    write_manifest(tmp, manifest)
+    fs.put_file(str(tmp / MANIFEST), f"{root}/{MANIFEST}")
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _finalize(tmp: Path, final: Path, manifest: dict) -> None:
@@ -181,7 +209,9 @@ class _SourceBuild:
     """One source being tokenized into a temp folder: its job, its input and its growing manifest."""
 
     spec: SourceSpec
-    final: Path
+    final: str | Path
+    """The source's folder: local, or an fsspec URL the finished build is uploaded to."""
+    cache_dir: str
     job: ChunkJob
     records: Iterator[RawRecord]
     manifest: dict
@@ -213,32 +243,37 @@ class _SourceBuild:
             "skips": dict(report.skips), "skip_examples": [asdict(e) for e in report.examples],
             "length_histogram": _length_histogram(all_lengths), "seconds": round(report.seconds, 3),
         })
-        _finalize(self.tmp, self.final, manifest)
-        return ShardedSource(self.final, self.spec.name), report
+        if is_url(self.final):
+            _upload(self.tmp, str(self.final), manifest)
+        else:
+            _finalize(self.tmp, self.final, manifest)
+        return ShardedSource(self.final, self.spec.name, cache_dir=self.cache_dir or None), report
 
 
-def _plan(spec: SourceSpec, data_cfg: DataConfig, tokenizer, out_dir: Path
+def _plan(spec: SourceSpec, data_cfg: DataConfig, tokenizer, out_dir: str | Path
           ) -> tuple[ShardedSource, SourceReport] | _SourceBuild:
     """Reuse the source's shards when its inputs, tokenizer and settings are unchanged; else set up
-    its build (format detected, temp folder created)."""
+    its build (format detected, temp folder created). For an fsspec URL out_dir the build happens
+    in a local staging folder under the shard cache and is uploaded when complete."""
     start_time = time.perf_counter()
     final = source_folder(out_dir, spec.name)
-    files = list_files(_resolve_path(spec, out_dir))
+    local_dir = Path(data_cfg.cache_dir or default_cache_dir()) / "staging" if is_url(out_dir) else Path(out_dir)
+    files = list_files(_resolve_path(spec, local_dir))
     fingerprint = tokenizer_fingerprint(tokenizer)
     settings = prepared_settings(spec, data_cfg, tokenizer)
     checksum = input_checksum(files)
     existing = read_manifest(final)
     if (existing and existing.get("input_checksum") == checksum and existing.get("tokenizer_fingerprint") == fingerprint
             and existing.get("settings") == settings):
-        return ShardedSource(final, spec.name), _report_from_manifest(existing)
+        return ShardedSource(final, spec.name, cache_dir=data_cfg.cache_dir or None), _report_from_manifest(existing)
 
     records = iter_records(files)
     fmt, peeked = _detect(records, spec.format, spec.text_field)
     vocab_size = len(tokenizer)
     eos = tokenizer.eos_token
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _clean_stale_temps(out_dir, spec.name)
-    tmp = out_dir / f".tmp-{spec.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    local_dir.mkdir(parents=True, exist_ok=True)
+    _clean_stale_temps(local_dir, spec.name)
+    tmp = local_dir / f".tmp-{spec.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     job = ChunkJob(
         tokenizer_json=tokenizer.backend_tokenizer.to_str(), template=template_spec(data_cfg.template, tokenizer),
@@ -251,11 +286,11 @@ def _plan(spec: SourceSpec, data_cfg: DataConfig, tokenizer, out_dir: Path
         "tokenizer_fingerprint": fingerprint, "vocab_size": vocab_size, "token_dtype": job.token_dtype,
         "detected_format": fmt, "settings": settings,
     }
-    return _SourceBuild(spec, final, job, itertools.chain(peeked, records), manifest, start_time,
+    return _SourceBuild(spec, final, data_cfg.cache_dir, job, itertools.chain(peeked, records), manifest, start_time,
                         SourceReport(spec.name, reused=False))
 
 
-def _prepare_all(specs: list[SourceSpec], data_cfg: DataConfig, tokenizer, out_dir: Path, *, show_progress: bool,
+def _prepare_all(specs: list[SourceSpec], data_cfg: DataConfig, tokenizer, out_dir: str | Path, *, show_progress: bool,
                  num_proc: int) -> list[tuple[ShardedSource, SourceReport]]:
     """Prepare (or reuse) each source; the sources to build share one worker pool."""
     done: dict[str, tuple[ShardedSource, SourceReport]] = {}
@@ -273,10 +308,12 @@ def _prepare_all(specs: list[SourceSpec], data_cfg: DataConfig, tokenizer, out_d
             tasks = ((name, shard_id, chunk) for name, build in list(builds.items())
                      for shard_id, chunk in _chunks(build.records))
             jobs = {name: build.job for name, build in builds.items()}
+            method = start_method()  # before tqdm starts its monitor thread
             with tqdm(desc="prepare " + ",".join(builds), unit="rec", disable=not show_progress,
                       file=sys.stderr) as progress:
                 current = None
-                for result in _run_chunks(jobs, tasks, resolve_num_proc(num_proc or data_cfg.num_proc), progress):
+                for result in _run_chunks(jobs, tasks, resolve_num_proc(num_proc or data_cfg.num_proc), method,
+                                          progress):
                     if current is not None and result.source != current:
                         done[current] = builds.pop(current).finish()  # results come in source order
                     current = result.source
@@ -289,10 +326,10 @@ def _prepare_all(specs: list[SourceSpec], data_cfg: DataConfig, tokenizer, out_d
     return [done[spec.name] for spec in specs]
 
 
-def prepare_source(spec: SourceSpec, data_cfg: DataConfig, tokenizer, out_dir: Path, *, show_progress: bool = True,
+def prepare_source(spec: SourceSpec, data_cfg: DataConfig, tokenizer, out_dir: str | Path, *, show_progress: bool = True,
                    num_proc: int = 0) -> tuple[ShardedSource, SourceReport]:
     """Prepare one source (or reuse its shards); return it opened, with its report."""
-    return _prepare_all([spec], data_cfg, tokenizer, Path(out_dir), show_progress=show_progress, num_proc=num_proc)[0]
+    return _prepare_all([spec], data_cfg, tokenizer, out_dir, show_progress=show_progress, num_proc=num_proc)[0]
 
 
 def _merge(report: SourceReport, result: ChunkResult) -> None:
@@ -323,7 +360,7 @@ def prepare_sources(data_cfg: DataConfig, tokenizer, out_dir: str | Path, *, sho
     """Prepare (or reuse) every source of data_cfg under out_dir; returns them in config order.
     Call on one process per node, then barrier, then open_prepared on every rank."""
     data_cfg.validate()
-    prepared = _prepare_all(data_cfg.sources, data_cfg, tokenizer, Path(out_dir), show_progress=show_progress,
+    prepared = _prepare_all(data_cfg.sources, data_cfg, tokenizer, out_dir, show_progress=show_progress,
                             num_proc=num_proc)
     sources, reports = [p[0] for p in prepared], [p[1] for p in prepared]
     if show_progress:
@@ -353,7 +390,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data_pipeline.prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("--source", action="append", required=True, type=str, help="NAME=PATH[:FORMAT], repeatable")
     p.add_argument("--tokenizer", required=True, help="tokenizer folder (AutoTokenizer.from_pretrained)")
-    p.add_argument("--out", required=True, help="output folder for the prepared sources")
+    p.add_argument("--out", required=True, help="output folder (or fsspec URL) for the prepared sources")
+    p.add_argument("--cache-dir", default="", help="local staging/cache folder when --out is a URL")
     defaults = DataConfig()
     p.add_argument("--template", default=defaults.template)
     p.add_argument("--seq-len", type=int, default=defaults.seq_len)
@@ -373,12 +411,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         for s in sources:
             s.text_field = args.text_field
         cfg = DataConfig(sources=sources, template=args.template, seq_len=args.seq_len, train_on=args.train_on,
-                         truncation=args.truncation, on_error=args.on_error, num_proc=args.num_proc)
+                         truncation=args.truncation, on_error=args.on_error, num_proc=args.num_proc,
+                         cache_dir=args.cache_dir)
         cfg.validate("--source/--options")
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        reports = [prepare_source(s, cfg, tokenizer, Path(args.out), show_progress=not args.quiet)[1] for s in sources]
+        reports = [prepare_source(s, cfg, tokenizer, args.out, show_progress=not args.quiet)[1] for s in sources]
     except (DataError, DataConfigError) as err:
         print(f"prepare: error: {err}", file=sys.stderr)
         return 2

@@ -104,22 +104,24 @@ class ChunkTokenizer:
         return [encode_conversation(rendered, ids, offsets, self.job.settings)]
 
     def _tokenize(self, parsed: list[tuple[RawRecord, object, Optional[Rendered]]]) -> list[tuple[list, list]]:
-        """(ids, offsets) per parsed sample, in order: batch calls for the common cases."""
+        """(ids, offsets) per parsed sample, in order. Rendered conversations go through one batch
+        call (template special tokens recognised), documents through another (special-token text
+        split as plain text); a conversation whose data spells a special token is encoded alone."""
         out: list = [None] * len(parsed)
-        batches: dict[str, list[int]] = {"template": [], "plain": []}
+        conversations, documents = [], []
         for i, (_, sample, rendered) in enumerate(parsed):
             if rendered is None:
-                batches["plain"].append(i)
+                documents.append((i, sample.text))
             elif rendered.literal_spans:
                 out[i] = encode_guarded(self.plain_tokenizer, rendered.text, rendered.literal_spans, self.guard,
                                         self.special_ids)
             else:
-                batches["template"].append(i)
-        for kind, tokenizer in (("template", self.tokenizer), ("plain", self.plain_tokenizer)):
-            indices = batches[kind]
-            texts = [parsed[i][2].text if parsed[i][2] is not None else parsed[i][1].text for i in indices]
-            for i, enc in zip(indices, tokenizer.encode_batch(texts, add_special_tokens=False) if texts else []):
-                out[i] = (enc.ids, enc.offsets if kind == "template" else ())
+                conversations.append((i, rendered.text))
+        for batch, tokenizer in ((conversations, self.tokenizer), (documents, self.plain_tokenizer)):
+            if batch:
+                encodings = tokenizer.encode_batch([text for _, text in batch], add_special_tokens=False)
+                for (i, _), enc in zip(batch, encodings):
+                    out[i] = (enc.ids, enc.offsets if tokenizer is self.tokenizer else ())  # documents need no offsets
         return out
 
     def run(self, shard_id: int, records: list[RawRecord]) -> ChunkResult:

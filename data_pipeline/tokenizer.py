@@ -46,9 +46,17 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
     return tok
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
-    """Train a byte-level BPE of `vocab_size` tokens on `texts`, save it to out_dir, return it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+# CJK ideographs (basic block + extension A + compatibility) and 〇.
+CJK_CHAR = "[\u3007\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path, *, cjk_char_level: bool = False):
+    """Train a byte-level BPE of `vocab_size` tokens on `texts`, save it to out_dir, return it.
+
+    cjk_char_level: isolate every Chinese character before BPE, so merges stay inside one
+    character (each becomes one token) and never span several; small models learn character-level
+    mappings far faster than with arbitrary multi-character pieces."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 256 + len(SPECIAL_TOKENS):
@@ -57,10 +65,11 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Pa
     tok = Tokenizer(models.BPE())
     # Digits one by one (as LLaMA and Qwen do): numbers then share token pieces, which is what lets
     # a small model learn arithmetic and number formats instead of memorising merged digit runs.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    pieces = [pre_tokenizers.Digits(individual_digits=True)]
+    if cjk_char_level:
+        pieces.append(pre_tokenizers.Split(Regex(CJK_CHAR), behavior="isolated"))
+    pieces.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(pieces)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -74,6 +74,9 @@ class TokenizerConfig:
     """Tokenizer directory. Empty: the model's own (model.path), or, from scratch, train one."""
     vocab_size: int = 2000
     """Vocabulary size when a byte-level BPE tokenizer is trained on the run's own text."""
+    cjk_char_level: bool = False
+    """When training a tokenizer: every Chinese character becomes one token (no merges across
+    characters). Small models learn character-level tasks much faster this way."""
 
 
 @dataclass

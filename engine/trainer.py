@@ -41,6 +41,7 @@ from engine.nan_policy import check_policy_supported, step_was_skipped
 from engine.rules import check_epochs, check_rules_of_thumb
 from engine.run_compat import ResumeConfigError, check_resume_config
 from engine.save_schedule import SaveSchedule
+from engine.schedule import warmup_cosine
 from engine.stages import run_stages
 
 PREEMPTED = "PREEMPTED"
@@ -110,7 +111,7 @@ def setup_tokenizer(cfg: RunConfig, run_dir: Path, ranks: Ranks):
         from data_pipeline.corpus import iter_texts
 
         texts = iter_texts(cfg.data.sources, cache_dir=run_dir / "raw")
-        train_bpe_tokenizer(texts, cfg.tokenizer.vocab_size, tok_dir)
+        train_bpe_tokenizer(texts, cfg.tokenizer.vocab_size, tok_dir, cjk_char_level=cfg.tokenizer.cjk_char_level)
     _barrier()
     return load_tokenizer(tok_dir)
 

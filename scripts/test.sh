@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh test
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 set +e
-python -m pytest "$@"
+python3 -m pytest "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

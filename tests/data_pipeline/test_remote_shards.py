@@ -89,3 +89,20 @@ def test_file_url(prepared, tiny_tokenizer, tmp_path):
     (local,) = open_prepared(cfg, tiny_tokenizer, out)
     assert _all_samples(remote) == _all_samples(local)
     remote.cache.close()
+
+
+def test_prepare_straight_to_a_url(prepared, tiny_tokenizer, tmp_path):
+    cfg, out = prepared
+    cfg.cache_dir = str(tmp_path / "cache")
+    url = f"memory://bucket-{uuid.uuid4().hex[:8]}/prep"
+    fs = fsspec.filesystem("memory")
+    try:
+        (remote,) = prepare_sources(cfg, tiny_tokenizer, url, show_progress=False)
+        assert fs.exists(url[len("memory://"):] + "/a/manifest.json")
+        assert not list((tmp_path / "cache" / "staging").iterdir())  # the staging build is gone
+        (local,) = open_prepared(cfg, tiny_tokenizer, out)
+        assert _all_samples(remote) == _all_samples(local)
+        (again,) = prepare_sources(cfg, tiny_tokenizer, url, show_progress=False)  # reused, not rebuilt
+        assert again.manifest == remote.manifest
+    finally:
+        fs.rm(url[len("memory://"):].split("/")[0], recursive=True)

@@ -1,7 +1,7 @@
 """Run-lifecycle test helpers: one shared uninterrupted reference run, background launches that
 can be signalled or killed, and the per-step sample-id join.
 
-The reference run is computed once per test session (it is the most expensive part) and shared by
+The reference run is computed once per pytest process (it is the most expensive part) and shared by
 the world-size, kill and export tests: they all use the same schedule (max_steps, seed, data), and
 only benign keys (checkpoint cadence, stop_at_step, export) differ.
 """
@@ -92,7 +92,7 @@ def start(config: Path, *overrides: str, num_procs: int, log: Path) -> Launch:
     env["PYTHONUNBUFFERED"] = "1"  # a SIGKILLed launcher must not take its buffered log with it
     out = open(log, "w", encoding="utf-8")
     proc = subprocess.Popen([*cmd, "--config", str(config), *overrides], cwd=REPO_ROOT, env=env,
-                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=out, stderr=subprocess.STDOUT, process_group=0)
     out.close()
     return Launch(proc, port, log)
 
@@ -162,7 +162,7 @@ def global_sample_ids(run_dir: Path) -> dict[int, list[tuple[int, int]]]:
 
 
 def reference_run(base: Path) -> Path:
-    """The uninterrupted 2-rank run (once per session), with an in-process export at the end."""
+    """The uninterrupted 2-rank run (once per pytest process), with an in-process export at the end."""
     if "run_dir" not in _REFERENCE:
         run_dir = base / "reference"
         config = write_config(base / "reference.yaml",

@@ -89,8 +89,9 @@ def test_sigusr1_then_sigkills_then_resume_on_one_rank(reference, tmp_path):
     # 3. SIGKILL at a random moment
     rng = random.Random(KILL_SEED)
     kill_after = resume_step + rng.randint(1, 3)
+    already_logged = len(logged_steps(run_dir))  # metrics.jsonl is appended across launches
     job = start(config, num_procs=2, log=tmp_path / "killed_random.log")
-    wait_until(lambda: max(logged_steps(run_dir), default=0) >= kill_after, job, poll=0.02)
+    wait_until(lambda: max(logged_steps(run_dir)[already_logged:], default=0) >= kill_after, job, poll=0.02)
     time.sleep(rng.uniform(0.0, 0.3))
     job.kill()
     _assert_resumed_from(job.log, root, resume_step)
