@@ -29,11 +29,17 @@ from engine.kernels.row_cross_entropy_torch import row_cross_entropy_torch_
 
 RowCrossEntropy = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
 
-# fp32 logits bytes per chunk. On CPU it bounds the extra memory (the goal is dW + dH plus ~25%):
-# peak extra RSS at N=4096, d=1024, V=32000, 50% prompt was 1.15x the dW + dH floor with 128 rows
-# (16 MiB), 1.22x with 192 and 1.29x with 256. On GPU bigger chunks mean fewer read-modify-write
+# Size of the per-chunk fp32 logits buffer. On CPU it is a share of the gradient buffers dW + dH
+# that any method must return, so that the extra memory stays within 1.25x of them: the buffer
+# takes 22% and the rest of the loop (hidden/dH chunk rows, BLAS workspace) about 1-2% more. At
+# N=4096, d=1024, V=32000 that is 240 rows; measured steady-state peak extra RSS was 1.12x the
+# floor with 128 rows and 1.24x with 256, and a step took 4.8 s with 256 rows against 5.9 s with
+# 128 (each chunk streams W twice and read-modify-writes all of dW, and each of its ~10 parallel
+# ops pays a thread wake-up, so fewer chunks are faster). Small shapes get at least the minimum so
+# that they are not cut into many tiny chunks. On GPU bigger chunks mean fewer read-modify-write
 # passes over the fp32 dW; for bf16 a half-size bf16 copy of the chunk's gradient comes on top.
-CPU_CHUNK_LOGITS_BYTES = 16 * 2**20
+CPU_LOGITS_SHARE_OF_GRADIENTS = 0.22
+CPU_MIN_CHUNK_LOGITS_BYTES = 16 * 2**20
 CUDA_CHUNK_LOGITS_BYTES = 1 * 2**30
 CHUNK_ROW_MULTIPLE = 16
 
@@ -61,9 +67,17 @@ class ChunkedResult:
     grad_bias: Optional[torch.Tensor]
 
 
-def default_chunk_rows(vocab_size: int, device: torch.device) -> int:
-    """Rows per chunk so that one fp32 [rows, V] buffer fits the device's budget."""
-    budget = CUDA_CHUNK_LOGITS_BYTES if device.type == "cuda" else CPU_CHUNK_LOGITS_BYTES
+def default_chunk_rows(n_rows: int, hidden_size: int, vocab_size: int, device: torch.device) -> int:
+    """Rows per chunk so that one fp32 [rows, V] buffer fits the device's budget.
+
+    On CPU the budget is CPU_LOGITS_SHARE_OF_GRADIENTS of the fp32 gradient buffers dW [V, d] and
+    dH [N, d] (at least CPU_MIN_CHUNK_LOGITS_BYTES); on CUDA a fixed CUDA_CHUNK_LOGITS_BYTES.
+    """
+    if device.type == "cuda":
+        budget = CUDA_CHUNK_LOGITS_BYTES
+    else:
+        gradient_bytes = 4 * (vocab_size + n_rows) * hidden_size
+        budget = max(CPU_MIN_CHUNK_LOGITS_BYTES, int(CPU_LOGITS_SHARE_OF_GRADIENTS * gradient_bytes))
     rows = max(1, budget // (4 * vocab_size))
     return rows if rows < CHUNK_ROW_MULTIPLE else rows - rows % CHUNK_ROW_MULTIPLE
 
@@ -193,7 +207,7 @@ def masked_linear_cross_entropy(
         weight=grad_enabled and weight.requires_grad,
         bias=grad_enabled and bias is not None and bias.requires_grad,
     )
-    chunk_rows = chunk_size or default_chunk_rows(weight.shape[0], hidden.device)
+    chunk_rows = chunk_size or default_chunk_rows(hidden.shape[0], hidden.shape[1], weight.shape[0], hidden.device)
     loss_sum = _MaskedLinearCrossEntropy.apply(
         hidden, weight, bias, kept_rows, kept_labels, chunk_rows, needed, resolved_backend
     )

@@ -12,6 +12,12 @@ from torch.utils._pytree import tree_leaves
 
 from engine.kernels import KernelArgumentError, masked_linear_cross_entropy, reference_masked_linear_cross_entropy
 from engine.kernels.backend import resolve_backend
+from engine.kernels.masked_linear_ce import (
+    CHUNK_ROW_MULTIPLE,
+    CPU_LOGITS_SHARE_OF_GRADIENTS,
+    CPU_MIN_CHUNK_LOGITS_BYTES,
+    default_chunk_rows,
+)
 from tests.engine.kernels.cases import IGNORE_INDEX, TOLERANCE, Case, make_inputs, measure_case, relative_error
 
 DTYPES = ("float32", "bfloat16")
@@ -103,6 +109,20 @@ def test_no_tensor_larger_than_one_chunk_of_logits_exists() -> None:
         loss_sum.backward()
     # [chunk, V] logits and the [V, d] gradient are the largest tensors; [kept, V] must never exist.
     assert recorder.largest == max(chunk_size * case.vocab, case.vocab * case.hidden_size)
+
+
+@pytest.mark.parametrize("n_rows,hidden_size,vocab", [(4096, 1024, 32000), (16384, 4096, 32000), (8192, 896, 151936)])
+def test_default_cpu_chunk_takes_its_share_of_the_gradient_buffers(n_rows: int, hidden_size: int, vocab: int) -> None:
+    """The CPU logits buffer is as large as the memory goal allows (speed) and no larger (memory)."""
+    rows = default_chunk_rows(n_rows, hidden_size, vocab, torch.device("cpu"))
+    budget = CPU_LOGITS_SHARE_OF_GRADIENTS * 4 * (vocab + n_rows) * hidden_size
+    assert rows % CHUNK_ROW_MULTIPLE == 0
+    assert rows * vocab * 4 <= budget < (rows + CHUNK_ROW_MULTIPLE) * vocab * 4
+
+
+def test_default_cpu_chunk_of_a_small_shape_gets_the_minimum_budget() -> None:
+    rows = default_chunk_rows(37, 64, 5003, torch.device("cpu"))
+    assert rows * 5003 * 4 <= CPU_MIN_CHUNK_LOGITS_BYTES < (rows + CHUNK_ROW_MULTIPLE) * 5003 * 4
 
 
 def test_loss_without_gradients_equals_training_loss() -> None:
