@@ -52,7 +52,7 @@ def _with_template(tmp_path, **top):
 
 def test_hard_coded_value_that_agrees_is_kept(tmp_path):
     path = _with_template(tmp_path, train_batch_size=16)
-    cfg = load_config(DEMO, [f"train.deepspeed={path}"])
+    cfg = load_config(DEMO, [f"train.deepspeed={path}", "train.global_batch_size=16", "train.micro_batch_size=4"])
     assert build_ds_config(cfg, 2, on_cuda=False)["train_batch_size"] == 16
 
 
