@@ -123,7 +123,8 @@ class Monitor:
             self.writer.file_writer.add_summary(summary)
 
     def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
-        """Scalars outside the step rhythm (evaluation): TensorBoard and metrics.jsonl, no bar update."""
+        """Scalars to TensorBoard and, as one JSON line, to metrics.jsonl (easy to grep, plot or
+        compare across runs). Evaluation calls this directly: no progress bar update."""
         if self.rank != 0:
             return
         if self.writer is not None:
@@ -139,14 +140,10 @@ class Monitor:
         return dt
 
     def log_step(self, step: int, scalars: dict[str, float]) -> None:
+        """One optimizer step's scalars (TensorBoard and metrics.jsonl) and the progress bar."""
         if self.rank != 0:
             return
-        if self.writer is not None:
-            for k, v in scalars.items():
-                self.writer.add_scalar(k, v, step)
-        # The same scalars as JSON lines: easy to grep, plot or compare across runs.
-        self.metrics.write(json.dumps({"step": step, **scalars}) + "\n")
-        self.metrics.flush()
+        self.log_scalars(step, scalars)
         if self.bar is None and self._bar_args is not None:
             from tqdm import tqdm  # created at the first step so that set-up time is not in its rate
 
