@@ -15,7 +15,7 @@ Parsers raise FieldError / ConversationError with the offending field path
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 from data_pipeline.errors import ConversationError, DataError, FieldError

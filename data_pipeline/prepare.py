@@ -34,7 +34,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 from data_pipeline.encoding import EncodeSettings
-from data_pipeline.errors import DataError, FieldError, SkipExample
+from data_pipeline.errors import DataError, FieldError
 from data_pipeline.formats import detect_format
 from data_pipeline.readers import RawRecord, decode_payload, input_checksum, iter_records, list_files
 from data_pipeline.shard_cache import default_cache_dir, is_url

@@ -37,6 +37,3 @@ def stop_requested() -> Optional[int]:
     """The last stop signal received, or None."""
     return _received[-1] if _received else None
 
-
-def clear() -> None:
-    _received.clear()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -116,15 +115,14 @@ def setup_tokenizer(cfg: RunConfig, run_dir: Path, ranks: Ranks):
     return load_tokenizer(tok_dir)
 
 
-def setup_data(cfg: RunConfig, tokenizer, run_dir: Path, ranks: Ranks, monitor: Monitor):
+def setup_data(cfg: RunConfig, tokenizer, run_dir: Path, ranks: Ranks):
     out_dir = Path(cfg.data.prepared_dir) if cfg.data.prepared_dir else run_dir / "data"
     if _is_main(ranks):
         # Rank 0 tokenizes (idempotent: reused when inputs, tokenizer and settings match); the
         # others wait and then memory-map the shards. run_dir must be on storage all nodes see.
         prepare_sources(cfg.data, tokenizer, out_dir, show_progress=True)
     _barrier()
-    sources = open_prepared(cfg.data, tokenizer, out_dir)
-    return sources
+    return open_prepared(cfg.data, tokenizer, out_dir)
 
 
 def setup_eval_data(cfg: RunConfig, tokenizer, run_dir: Path, ranks: Ranks) -> list[EvalSet]:
@@ -217,7 +215,7 @@ class Trainer:
         self.monitor = Monitor(self.run_dir, rank=ranks.rank, enabled_tb=cfg.log.tensorboard,
                                total_steps=cfg.train.max_steps, start_step=self.start_step,
                                peak_tflops=cfg.log.peak_tflops, world_size=ranks.world_size)
-        sources = setup_data(cfg, self.tokenizer, self.run_dir, ranks, self.monitor)
+        sources = setup_data(cfg, self.tokenizer, self.run_dir, ranks)
         # Held-out samples leave the training sources here, before the schedule sees them.
         sources, held_out = split_training_sources(sources, cfg.data.sources)
         self.eval_sets = held_out + setup_eval_data(cfg, self.tokenizer, self.run_dir, ranks)

@@ -24,7 +24,6 @@ if str(REPO_ROOT) not in sys.path:  # `deepspeed launcher/run.py` runs this file
     sys.path.insert(0, str(REPO_ROOT))
 
 
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="run config YAML")
@@ -39,7 +38,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from engine.config import ConfigError, config_help, load_config, to_dict
+    from engine.config import ConfigError, config_help, load_config
 
     if args.help_config:
         print(config_help())

@@ -126,7 +126,6 @@ def test_malformed_json_and_utf8_name_the_line(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": \n' + b'{"text": "\xff"}\n')
     records = list(iter_records([str(p)]))
-    reasons = []
     for rec in records:
         with pytest.raises(MalformedInputError) if rec.line > 1 else _nothing():
             decode_payload(rec)

@@ -5,7 +5,6 @@ ZeRO-3 (partitioned lm_head) gives the gradients of the plain HF path."""
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 import torch
