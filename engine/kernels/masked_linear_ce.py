@@ -6,7 +6,8 @@ Algorithm (forward computes the gradients too, as Liger-Kernel does):
   2. Kept rows are processed in chunks of `chunk_rows`. For each chunk, one fp32 [rows, V] logits
      buffer is formed, reduced to the per-row loss, and turned in place into softmax - onehot.
   3. That buffer immediately yields the chunk's dH rows (scattered into a zero [N, d]) and is
-     accumulated into a float32 dW (and dB); the next chunk reuses it. No [N, V] or [kept, V]
+     accumulated into a float32 dW (and dB), which the first chunk's product initialises; the next
+     chunk reuses the buffer. No [N, V] or [kept, V]
      tensor ever exists.
   4. backward only scales the stored gradients by grad_output.
 Computing gradients in forward costs 3 matmuls of kept x d x V; saving the log-sum-exp and
@@ -31,13 +32,13 @@ RowCrossEntropy = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
 
 # Size of the per-chunk fp32 logits buffer. On CPU it is a share of the gradient buffers dW + dH
 # that any method must return, so that the extra memory stays within 1.25x of them: the buffer
-# takes 22% and the rest of the loop (hidden/dH chunk rows, BLAS workspace) about 1-2% more. At
-# N=4096, d=1024, V=32000 that is 240 rows; measured steady-state peak extra RSS was 1.12x the
-# floor with 128 rows and 1.24x with 256, and a step took 4.8 s with 256 rows against 5.9 s with
-# 128 (each chunk streams W twice and read-modify-writes all of dW, and each of its ~10 parallel
-# ops pays a thread wake-up, so fewer chunks are faster). Small shapes get at least the minimum so
-# that they are not cut into many tiny chunks. On GPU bigger chunks mean fewer read-modify-write
-# passes over the fp32 dW; for bf16 a half-size bf16 copy of the chunk's gradient comes on top.
+# takes at most 22% and the rest of the loop (hidden/dH chunk rows, the row-max fold block, BLAS
+# workspace) about 1-2% more; measured steady-state peak extra RSS was 1.22x the floor at N=4096,
+# d=1024, V=32000 (chunks of 232 rows). Bigger chunks are faster (4.8 s a step with 256 rows
+# against 5.9 s with 128 under load): each chunk streams W twice, read-modify-writes all of dW and
+# pays a thread wake-up per parallel op. Small shapes get at least the minimum so that they are
+# not cut into many tiny chunks. On GPU bigger chunks mean fewer read-modify-write passes over the
+# fp32 dW; for bf16 a half-size bf16 copy of the chunk's gradient comes on top.
 CPU_LOGITS_SHARE_OF_GRADIENTS = 0.22
 CPU_MIN_CHUNK_LOGITS_BYTES = 16 * 2**20
 CUDA_CHUNK_LOGITS_BYTES = 1 * 2**30
@@ -82,6 +83,22 @@ def default_chunk_rows(n_rows: int, hidden_size: int, vocab_size: int, device: t
     return rows if rows < CHUNK_ROW_MULTIPLE else rows - rows % CHUNK_ROW_MULTIPLE
 
 
+def balanced_chunk_rows(n_kept: int, max_rows: int) -> int:
+    """Rows per chunk for n_kept rows in as few chunks as max_rows allows, the chunks of equal size.
+
+    Same number of chunks (passes over W and dW) as max_rows, but the logits buffer shrinks to what
+    the chunks use (2048 kept rows at 240 max: 9 chunks of 232, not 8 of 240 and one of 128), and
+    no tiny last chunk runs at poor matmul efficiency. Rounded up to a multiple of 8 (rows are the
+    contiguous axis of the CPU buffer: 32-byte aligned vocab rows) while that stays <= max_rows.
+    """
+    if n_kept <= max_rows:
+        return max(1, n_kept)
+    n_chunks = -(-n_kept // max_rows)
+    rows = -(-n_kept // n_chunks)
+    rounded = -(-rows // 8) * 8
+    return rounded if rounded <= max_rows else rows
+
+
 def row_cross_entropy_for(backend: str) -> RowCrossEntropy:
     """The per-chunk loss/gradient step of `backend` ("torch" or "triton")."""
     if backend == "triton":
@@ -108,7 +125,11 @@ def chunked_cross_entropy(
     bias_fp32 = None if bias is None else bias.float()
     loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.zeros_like(hidden) if needed.hidden else None
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needed.weight else None
+    # dW is written by the first chunk's product (no zero fill: a full V x d pass saved) and
+    # accumulated by the others; zeroed only when no row has a target.
+    grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if needed.weight else None
+    if grad_weight is not None and kept_rows.numel() == 0:
+        grad_weight.zero_()
     grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if needed.bias else None
     # One logits buffer reused by every chunk: a fresh 16 MiB+ block per chunk fragments the CPU
     # heap (measured +17% peak extra RSS) and costs page faults.
@@ -128,7 +149,10 @@ def chunked_cross_entropy(
         if grad_hidden is not None:
             grad_hidden.index_copy_(0, rows, torch.mm(grad_logits, weight_operand).to(hidden.dtype))
         if grad_weight is not None:
-            addmm_fp32_(grad_weight, grad_logits.T, hidden_chunk)
+            if start == 0:
+                mm_fp32_into(grad_logits.T, hidden_chunk, out=grad_weight)
+            else:
+                addmm_fp32_(grad_weight, grad_logits.T, hidden_chunk)
         if grad_bias is not None:
             grad_bias += logits.sum(dim=0)
     return ChunkedResult(
@@ -191,8 +215,8 @@ def masked_linear_cross_entropy(
     hidden [N, d] and weight [V, d] (and bias [V]) share a dtype: float32, bfloat16 or float16.
     labels [N] are already aligned with the rows of hidden (row i predicts labels[i]); rows equal
     to ignore_index do not contribute and never reach the matmul. chunk_size is the number of kept
-    rows per chunk (default: sized from a logits-memory budget). backend is "auto" (Triton on CUDA,
-    torch otherwise), "torch" or "triton".
+    rows per chunk (default: equal chunks no larger than a logits-memory budget allows). backend
+    is "auto" (Triton on CUDA, torch otherwise), "torch" or "triton".
 
     Returns (loss_sum, n_target_tokens): a 0-dim float32 tensor with grad, and a 0-dim int64
     tensor. With no target rows both are 0 and every gradient is exactly 0.
@@ -207,7 +231,9 @@ def masked_linear_cross_entropy(
         weight=grad_enabled and weight.requires_grad,
         bias=grad_enabled and bias is not None and bias.requires_grad,
     )
-    chunk_rows = chunk_size or default_chunk_rows(hidden.shape[0], hidden.shape[1], weight.shape[0], hidden.device)
+    chunk_rows = chunk_size or balanced_chunk_rows(
+        kept_rows.numel(), default_chunk_rows(hidden.shape[0], hidden.shape[1], weight.shape[0], hidden.device)
+    )
     loss_sum = _MaskedLinearCrossEntropy.apply(
         hidden, weight, bias, kept_rows, kept_labels, chunk_rows, needed, resolved_backend
     )

@@ -16,6 +16,7 @@ from engine.kernels.masked_linear_ce import (
     CHUNK_ROW_MULTIPLE,
     CPU_LOGITS_SHARE_OF_GRADIENTS,
     CPU_MIN_CHUNK_LOGITS_BYTES,
+    balanced_chunk_rows,
     default_chunk_rows,
 )
 from tests.engine.kernels.cases import IGNORE_INDEX, TOLERANCE, Case, make_inputs, measure_case, relative_error
@@ -118,6 +119,14 @@ def test_default_cpu_chunk_takes_its_share_of_the_gradient_buffers(n_rows: int, 
     budget = CPU_LOGITS_SHARE_OF_GRADIENTS * 4 * (vocab + n_rows) * hidden_size
     assert rows % CHUNK_ROW_MULTIPLE == 0
     assert rows * vocab * 4 <= budget < (rows + CHUNK_ROW_MULTIPLE) * vocab * 4
+
+
+@pytest.mark.parametrize("n_kept,max_rows", [(2048, 240), (1, 240), (240, 240), (241, 240), (5000, 7), (100000, 1766)])
+def test_balanced_chunks_keep_the_chunk_count_and_never_exceed_the_budget(n_kept: int, max_rows: int) -> None:
+    rows = balanced_chunk_rows(n_kept, max_rows)
+    assert 1 <= rows <= max_rows
+    assert -(-n_kept // rows) == -(-n_kept // max_rows)
+    assert rows * (-(-n_kept // rows)) - n_kept < -(-n_kept // rows) * 8  # chunks differ by < 8 rows of slack
 
 
 def test_default_cpu_chunk_of_a_small_shape_gets_the_minimum_budget() -> None:
