@@ -40,7 +40,7 @@ from data_pipeline.readers import RawRecord, decode_payload, input_checksum, ite
 from data_pipeline.shard_cache import default_cache_dir, is_url
 from data_pipeline.shards import (FORMAT_VERSION, MANIFEST, ShardedSource, prepared_settings, read_manifest, source_folder,
                                   token_dtype, tokenizer_fingerprint, write_index, write_manifest)
-from data_pipeline.spec import FORMATS, DataConfig, DataConfigError, SourceSpec
+from data_pipeline.spec import FORMATS, DataConfig, DataConfigError, SourceSpec, source_train_on
 from data_pipeline.templates import template_spec
 from data_pipeline.tokenize_chunk import ChunkJob, ChunkResult, ChunkTask, init_worker, run_chunk
 
@@ -277,7 +277,7 @@ def _plan(spec: SourceSpec, data_cfg: DataConfig, tokenizer, out_dir: str | Path
     tmp.mkdir()
     job = ChunkJob(
         tokenizer_json=tokenizer.backend_tokenizer.to_str(), template=template_spec(data_cfg.template, tokenizer),
-        settings=EncodeSettings(data_cfg.seq_len, data_cfg.train_on, data_cfg.truncation, eos or ""),
+        settings=EncodeSettings(data_cfg.seq_len, source_train_on(spec, data_cfg), data_cfg.truncation, eos or ""),
         fmt=fmt, text_field=spec.text_field, strict=data_cfg.on_error == "strict", folder=str(tmp),
         token_dtype=token_dtype(vocab_size).str, eos_id=tokenizer.convert_tokens_to_ids(eos) if eos else None)
     manifest = {

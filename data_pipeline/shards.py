@@ -23,6 +23,7 @@ import numpy as np
 
 from data_pipeline.errors import PreparedDataError
 from data_pipeline.shard_cache import ShardCache, file_record, is_url
+from data_pipeline.spec import source_train_on
 from data_pipeline.templates import template_spec
 
 FORMAT_VERSION = 2
@@ -225,7 +226,7 @@ def prepared_settings(spec, data_cfg, tokenizer) -> dict[str, Any]:
         "text_field": spec.text_field,
         "template": template.name,
         "template_fingerprint": template.fingerprint(),
-        "train_on": data_cfg.train_on,
+        "train_on": source_train_on(spec, data_cfg),
         "seq_len": data_cfg.seq_len,
         "truncation": data_cfg.truncation,
         "on_error": data_cfg.on_error,

@@ -45,6 +45,10 @@ class SourceSpec:
     eval_count: Optional[int] = None
     """Exact number of samples held out for evaluation (instead of eval_fraction): a fixed-size
     eval set whatever the source size."""
+    train_on: Optional[str] = None
+    """Which tokens of this source's conversations train (all_assistant, last_assistant,
+    everything); unset = data.train_on. Replay: SFT data mixed into a pretraining stage keeps its
+    prompt masked with train_on: all_assistant while the stage's text trains on every token."""
 
     def validate(self, key: str) -> None:
         if not self.name:
@@ -67,6 +71,8 @@ class SourceSpec:
             raise DataConfigError(f"{key}.choose: must be > 0, got {self.choose}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise DataConfigError(f"{key}.eval_fraction: must be in [0, 1), got {self.eval_fraction}")
+        if self.train_on is not None and self.train_on not in TRAIN_ON:
+            raise DataConfigError(f"{key}.train_on: {self.train_on!r} is not one of {TRAIN_ON}")
         if self.eval_count is not None:
             if self.eval_count < 1:
                 raise DataConfigError(f"{key}.eval_count: must be >= 1, got {self.eval_count}")
@@ -87,7 +93,8 @@ class DataConfig:
     """Chat template: auto (the tokenizer's own, else chatml), chatml, qwen, llama3, chatglm,
     zh_plain (指令/回答), or a path to a Jinja file."""
     train_on: str = "all_assistant"
-    """Which tokens train: all_assistant, last_assistant, or everything."""
+    """Which tokens of conversations train: all_assistant, last_assistant, or everything (a
+    source's own train_on overrides it; plain-text documents always train on every token)."""
     seq_len: int = 1024
     """Tokens per training sequence (the packing length, and the truncation limit)."""
     truncation: str = "truncate_prompt"
@@ -132,6 +139,11 @@ class DataConfig:
             raise DataConfigError(f"{key}.prefetch_shards: must be >= 0, got {self.prefetch_shards}")
         if self.seq_len < 8:
             raise DataConfigError(f"{key}.seq_len: must be >= 8, got {self.seq_len}")
+
+
+def source_train_on(spec: SourceSpec, data_cfg: DataConfig) -> str:
+    """The train_on that applies to `spec`: its own, else the data config's."""
+    return spec.train_on or data_cfg.train_on
 
 
 class SampleSource(Protocol):

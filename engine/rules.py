@@ -93,6 +93,10 @@ def check_stage_rules(stages: Sequence["Stage"]) -> list[str]:
         if t.kind == "sft" and train_on == "everything":
             warnings.append(f"{label} is SFT with data.train_on=everything: it learns to write the user's "
                             "turns too; all_assistant trains only the answers")
+        for source in stage.cfg.data.sources:
+            if t.kind == "sft" and source.train_on == "everything" and train_on != "everything":
+                warnings.append(f"{label} is SFT but source {source.name!r} sets train_on=everything: its "
+                                "user turns train too; all_assistant trains only the answers")
         earlier = stages[:i]
         if t.kind == "cpt" and any(s.cfg.train.kind == "sft" for s in earlier):
             warnings.append(f"{label}: continued pretraining after an SFT stage erodes the instruction "

@@ -28,7 +28,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="run config YAML")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved run and DeepSpeed configs and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved run and DeepSpeed configs (each stage's, for a staged run) and exit")
     p.add_argument("--help-config", action="store_true", help="list every config key with its documentation")
     p.add_argument("--world-size", type=int, default=None, help="with --dry-run: world size to resolve for")
     # The deepspeed launcher appends --local_rank=N; the rank itself comes from the environment.
@@ -90,13 +91,28 @@ def dry_run(cfg, world_size: int | None) -> int:
     from engine.ds_config import build_ds_config
 
     world = world_size or int(os.environ.get("WORLD_SIZE", cfg.world_size or 1))
+    on_cuda = torch.cuda.is_available()
     try:
-        ds = build_ds_config(cfg, world, on_cuda=torch.cuda.is_available(), base_dir=REPO_ROOT)
+        resolved = {"run_config": to_dict(cfg), "deepspeed_config": build_ds_config(cfg, world, on_cuda=on_cuda,
+                                                                                    base_dir=REPO_ROOT)}
+        if cfg.stages:
+            # What each stage will really run with: the base config is only the starting point.
+            from engine.rules import check_stage_rules
+            from engine.stages import expand_stages
+
+            stages = expand_stages(cfg)
+            resolved["stages"] = [
+                {"name": stage.name, "run_dir": str(stage.run_dir), "defaults_filled": list(stage.notes),
+                 "run_config": to_dict(stage.cfg),
+                 "deepspeed_config": build_ds_config(stage.cfg, world, on_cuda=on_cuda, base_dir=REPO_ROOT)}
+                for stage in stages
+            ]
+            resolved["warnings"] = check_stage_rules(stages)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"run_config": to_dict(cfg), "deepspeed_config": ds, "world_size": world},
-                     indent=2, ensure_ascii=False, default=str))
+    resolved["world_size"] = world
+    print(json.dumps(resolved, indent=2, ensure_ascii=False, default=str))
     return 0
 
 

@@ -14,7 +14,7 @@ from data_pipeline.errors import DataError, PreparedDataError
 from data_pipeline.prepare import main as prepare_cli
 from data_pipeline.prepare import parse_source_arg, prepare_source, prepare_sources
 from data_pipeline.shards import open_prepared
-from data_pipeline.spec import DataConfig, SourceSpec
+from data_pipeline.spec import DataConfig, DataConfigError, SourceSpec
 from tests.data_pipeline.mask_check import assert_trained_text
 
 
@@ -75,6 +75,32 @@ def test_rerun_reuses_and_setting_change_rebuilds(tiny_tokenizer, tmp_path):
     write_jsonl(src, alpaca_records(51))
     _, fourth = prepare_source(cfg.sources[0], cfg, tiny_tokenizer, tmp_path / "out", show_progress=False)
     assert not fourth.reused and fourth.samples == 51
+
+
+def test_source_train_on_overrides_the_data_config(tiny_tokenizer, tmp_path):
+    """Replay: a chat source keeps its prompt masked inside a stage that trains on everything."""
+    src = write_jsonl(tmp_path / "a.jsonl", alpaca_records(6))
+    cfg = DataConfig(sources=[SourceSpec(name="chat_everything", path=str(src)),
+                              SourceSpec(name="chat_replay", path=str(src), train_on="all_assistant")],
+                     template="chatml", train_on="everything")
+    everything, replay = prepare_sources(cfg, tiny_tokenizer, tmp_path / "out", show_progress=False)
+    for i in range(6):
+        ids, labels = everything.get(i)
+        assert (labels == ids).all()
+        ids, labels = replay.get(i)
+        assert_trained_text(tiny_tokenizer.decode, ids, labels != -100, [f"回答{i} 😀<|im_end|>"])
+    assert replay.manifest["settings"]["train_on"] == "all_assistant"
+    # The source's own setting is part of what decides reuse: changing it rebuilds that source only.
+    cfg.sources[1].train_on = "everything"
+    _, replay_report = prepare_source(cfg.sources[1], cfg, tiny_tokenizer, tmp_path / "out", show_progress=False)
+    _, everything_report = prepare_source(cfg.sources[0], cfg, tiny_tokenizer, tmp_path / "out", show_progress=False)
+    assert not replay_report.reused and everything_report.reused
+
+
+def test_source_train_on_is_validated():
+    spec = SourceSpec(name="a", path="x.jsonl", train_on="responses")
+    with pytest.raises(DataConfigError, match=r"sources\[0\]\.train_on: 'responses'"):
+        DataConfig(sources=[spec]).validate()
 
 
 def test_partial_output_is_never_read_as_valid(tiny_tokenizer, tmp_path):

@@ -39,3 +39,12 @@ def test_epoch_rule_scales_with_data_size():
     assert len(check_epochs("sft", ["small"], [5_000], [20_000])) == 1
     assert check_epochs("cpt", ["text"], [1_000], [4_000]) == []
     assert "overfits" in check_epochs("cpt", ["text"], [1_000], [5_000])[0]
+
+
+def test_sft_source_that_trains_everything_is_flagged_and_replay_source_is_not():
+    sft = _stage("sft", "sft", 1e-5, "all_assistant")
+    sft.cfg.data.sources = [SourceSpec(name="chat", path="x.jsonl", train_on="everything")]
+    cpt = _stage("cpt", "cpt", 1e-4, "everything")
+    cpt.cfg.data.sources = [SourceSpec(name="replay", path="y.jsonl", train_on="all_assistant")]
+    warnings = check_stage_rules([cpt, sft])
+    assert len(warnings) == 1 and "source 'chat' sets train_on=everything" in warnings[0]
