@@ -65,3 +65,21 @@ def select_kept_rows(labels: torch.Tensor, ignore_index: int, vocab_size: int) -
                 f"found range [{low}, {high}]"
             )
     return kept_rows, kept_labels
+
+
+def check_groups(groups: torch.Tensor, labels: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """groups [N] of row group ids in [0, num_groups), as int64; KernelArgumentError otherwise."""
+    if not isinstance(num_groups, int) or num_groups < 1:
+        raise KernelArgumentError(f"num_groups: expected a positive int, got {num_groups!r}")
+    if groups.shape != labels.shape or groups.device != labels.device:
+        raise KernelArgumentError(
+            f"groups: expected shape {tuple(labels.shape)} on {labels.device}, got {tuple(groups.shape)} on {groups.device}"
+        )
+    if groups.dtype not in (torch.int32, torch.int64):
+        raise KernelArgumentError(f"groups: expected int32 or int64, got {groups.dtype}")
+    groups = groups.to(torch.int64)
+    if groups.numel() > 0:
+        low, high = torch.stack([groups.min(), groups.max()]).tolist()
+        if low < 0 or high >= num_groups:
+            raise KernelArgumentError(f"groups: values must be in [0, {num_groups}), found range [{low}, {high}]")
+    return groups

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
-from engine.kernels.arguments import check_arguments, select_kept_rows
+from engine.kernels.arguments import check_arguments, check_groups, select_kept_rows
 from engine.kernels.backend import resolve_backend
 from engine.kernels.mixed_precision_matmul import addmm_fp32_, matmul_operand, mm_fp32_into
 from engine.kernels.row_cross_entropy_torch import row_cross_entropy_torch_
@@ -60,9 +60,9 @@ class NeededGrads:
 
 @dataclass
 class ChunkedResult:
-    """Loss sum and the unscaled gradients of the loss sum (None when not needed)."""
+    """Per kept row loss and the unscaled gradients of their sum (None when not needed)."""
 
-    loss_sum: torch.Tensor
+    row_losses: torch.Tensor
     grad_hidden: Optional[torch.Tensor]
     grad_weight: Optional[torch.Tensor]
     grad_bias: Optional[torch.Tensor]
@@ -123,7 +123,7 @@ def chunked_cross_entropy(
     """Steps 2-3 of the module docstring over the kept rows."""
     weight_operand = matmul_operand(weight)
     bias_fp32 = None if bias is None else bias.float()
-    loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    row_losses = torch.empty(kept_rows.numel(), dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.zeros_like(hidden) if needed.hidden else None
     # dW is written by the first chunk's product (no zero fill: a full V x d pass saved) and
     # accumulated by the others; zeroed only when no row has a target.
@@ -142,7 +142,9 @@ def chunked_cross_entropy(
         logits = chunk_logits_into(logits_storage, hidden_chunk, weight_operand)
         if bias_fp32 is not None:
             logits.add_(bias_fp32)
-        loss_sum += row_cross_entropy_(logits, kept_labels[start : start + chunk_rows], needed.any)
+        row_losses[start : start + chunk_rows] = row_cross_entropy_(
+            logits, kept_labels[start : start + chunk_rows], needed.any
+        )
         if not needed.any:
             continue
         grad_logits = logits.to(weight_operand.dtype)
@@ -156,7 +158,7 @@ def chunked_cross_entropy(
         if grad_bias is not None:
             grad_bias += logits.sum(dim=0)
     return ChunkedResult(
-        loss_sum=loss_sum,
+        row_losses=row_losses,
         grad_hidden=grad_hidden,
         grad_weight=None if grad_weight is None else grad_weight.to(weight.dtype),
         grad_bias=None if grad_bias is None else grad_bias.to(bias.dtype),
@@ -179,26 +181,63 @@ def chunk_logits_into(storage: torch.Tensor, hidden_chunk: torch.Tensor, weight_
 
 
 class _MaskedLinearCrossEntropy(torch.autograd.Function):
-    """Autograd wrapper: forward runs the chunk loop, backward scales its gradients."""
+    """Autograd wrapper: forward runs the chunk loop and returns per-group loss sums [G]; backward
+    scales the gradients it formed.
+
+    The gradients are formed in forward for the sum of all rows, so backward can only scale them:
+    every group's loss sum must get the same upstream gradient (the loss that is differentiated
+    is their plain sum, times any factor). Anything else raises rather than return a wrong gradient.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, kept_rows, kept_labels, chunk_rows, needed, backend):
+    def forward(ctx, hidden, weight, bias, kept_rows, kept_labels, kept_groups, num_groups, chunk_rows, needed, backend):
         result = chunked_cross_entropy(
             hidden, weight, bias, kept_rows, kept_labels, chunk_rows, needed, row_cross_entropy_for(backend)
         )
         ctx.grads = (result.grad_hidden, result.grad_weight, result.grad_bias)
-        return result.loss_sum
+        if kept_groups is None:
+            return result.row_losses.sum().reshape(1)
+        group_sums = torch.zeros(num_groups, dtype=torch.float32, device=hidden.device)
+        return group_sums.index_add_(0, kept_groups, result.row_losses)
 
     @staticmethod
-    def backward(ctx, grad_loss_sum):
+    def backward(ctx, grad_group_sums):
         if ctx.grads is None:
             raise RuntimeError(
                 "masked_linear_cross_entropy: backward ran twice; its gradients are scaled in place "
                 "and freed after the first backward (retain_graph is not supported)"
             )
-        grads = [None if grad is None else grad.mul_(grad_loss_sum.to(grad.dtype)) for grad in ctx.grads]
+        scale = grad_group_sums[:1]
+        if grad_group_sums.numel() > 1 and not torch.equal(grad_group_sums, scale.expand_as(grad_group_sums)):
+            raise RuntimeError(
+                "masked_linear_cross_entropy_by_group: the per-group loss sums got different upstream "
+                f"gradients {grad_group_sums.tolist()}; differentiate their plain sum (report the groups "
+                "detached), since the gradients are formed in forward for the sum"
+            )
+        grads = [None if grad is None else grad.mul_(scale.to(grad.dtype)) for grad in ctx.grads]
         ctx.grads = None
-        return grads[0], grads[1], grads[2], None, None, None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None, None, None, None
+
+
+def _run(hidden, weight, labels, ignore_index, bias, chunk_size, backend, groups, num_groups) -> tuple:
+    """Validate, drop the rows without a target, and run the autograd Function."""
+    check_arguments(hidden, weight, labels, bias, chunk_size)
+    resolved_backend = resolve_backend(backend, hidden.device)
+    kept_rows, kept_labels = select_kept_rows(labels, ignore_index, weight.shape[0])
+    kept_groups = None if groups is None else check_groups(groups, labels, num_groups).index_select(0, kept_rows)
+    grad_enabled = torch.is_grad_enabled()
+    needed = NeededGrads(
+        hidden=grad_enabled and hidden.requires_grad,
+        weight=grad_enabled and weight.requires_grad,
+        bias=grad_enabled and bias is not None and bias.requires_grad,
+    )
+    chunk_rows = chunk_size or balanced_chunk_rows(
+        kept_rows.numel(), default_chunk_rows(hidden.shape[0], hidden.shape[1], weight.shape[0], hidden.device)
+    )
+    loss_sums = _MaskedLinearCrossEntropy.apply(
+        hidden, weight, bias, kept_rows, kept_labels, kept_groups, num_groups, chunk_rows, needed, resolved_backend
+    )
+    return loss_sums, kept_rows, kept_groups
 
 
 def masked_linear_cross_entropy(
@@ -221,20 +260,30 @@ def masked_linear_cross_entropy(
     Returns (loss_sum, n_target_tokens): a 0-dim float32 tensor with grad, and a 0-dim int64
     tensor. With no target rows both are 0 and every gradient is exactly 0.
     """
-    check_arguments(hidden, weight, labels, bias, chunk_size)
-    resolved_backend = resolve_backend(backend, hidden.device)
-    kept_rows, kept_labels = select_kept_rows(labels, ignore_index, weight.shape[0])
+    loss_sums, kept_rows, _ = _run(hidden, weight, labels, ignore_index, bias, chunk_size, backend, None, 1)
     n_target_tokens = torch.tensor(kept_rows.numel(), dtype=torch.int64, device=hidden.device)
-    grad_enabled = torch.is_grad_enabled()
-    needed = NeededGrads(
-        hidden=grad_enabled and hidden.requires_grad,
-        weight=grad_enabled and weight.requires_grad,
-        bias=grad_enabled and bias is not None and bias.requires_grad,
-    )
-    chunk_rows = chunk_size or balanced_chunk_rows(
-        kept_rows.numel(), default_chunk_rows(hidden.shape[0], hidden.shape[1], weight.shape[0], hidden.device)
-    )
-    loss_sum = _MaskedLinearCrossEntropy.apply(
-        hidden, weight, bias, kept_rows, kept_labels, chunk_rows, needed, resolved_backend
-    )
-    return loss_sum, n_target_tokens
+    return loss_sums.reshape(()), n_target_tokens
+
+
+def masked_linear_cross_entropy_by_group(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    groups: torch.Tensor,
+    num_groups: int,
+    ignore_index: int = -100,
+    bias: Optional[torch.Tensor] = None,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """masked_linear_cross_entropy with the loss and target count split by row group.
+
+    groups [N] gives each row's group in [0, num_groups) (e.g. its data source). One pass over the
+    kept rows of all groups: the cost of the ungrouped call, not num_groups calls (each would read
+    W three times and hold its own dW). Returns (loss_sums [G] float32 with grad, counts [G]
+    int64). Differentiate loss_sums.sum() (times any factor): the gradients are formed in forward
+    for the sum, and backward refuses upstream gradients that differ between groups.
+    """
+    loss_sums, _, kept_groups = _run(hidden, weight, labels, ignore_index, bias, chunk_size, backend, groups, num_groups)
+    counts = torch.bincount(kept_groups, minlength=num_groups)[:num_groups]
+    return loss_sums, counts

@@ -16,10 +16,10 @@ MAX_FOLD_BLOCK = 512
 
 
 def row_cross_entropy_torch_(logits: torch.Tensor, labels: torch.Tensor, write_grad: bool) -> torch.Tensor:
-    """Sum over rows of (logsumexp(row) - row[label]); if write_grad, logits := softmax - onehot.
+    """Per-row logsumexp(row) - row[label]; if write_grad, logits := softmax - onehot.
 
     logits: float32 [rows, V] of any strides, overwritten. labels: int64 [rows], all in [0, V).
-    Returns a 0-dim float32 tensor.
+    Returns a float32 [rows] tensor.
     """
     target_logits = logits.gather(1, labels.unsqueeze(1)).squeeze(1)
     row_max = row_max_of(logits)
@@ -27,12 +27,12 @@ def row_cross_entropy_torch_(logits: torch.Tensor, labels: torch.Tensor, write_g
     probabilities = logits.sub_(row_max).exp_()
     sum_exp = probabilities.sum(dim=1, keepdim=True)
     log_sum_exp = (row_max + sum_exp.log()).squeeze(1)
-    loss_sum = (log_sum_exp - target_logits).sum()
+    row_losses = log_sum_exp - target_logits
     if write_grad:
         probabilities.div_(sum_exp)
         # d(lse - x_label)/dx = softmax - onehot(label)
         probabilities.scatter_add_(1, labels.unsqueeze(1), probabilities.new_full((labels.numel(), 1), -1.0))
-    return loss_sum
+    return row_losses
 
 
 def row_max_of(logits: torch.Tensor) -> torch.Tensor:
