@@ -113,6 +113,10 @@ class TrainConfig:
     """AdamW implementation: auto (fused on GPU, torch on CPU), torch, fused, or cpu_adam."""
     loss_backend: str = "auto"
     """Masked linear cross-entropy backend: auto (Triton on CUDA, torch elsewhere), torch, triton."""
+    loss_strategy: str = "row_chunks"
+    """Fused loss algorithm: row_chunks (three products, an fp32 [vocab, hidden] gradient
+    accumulator) or vocab_blocks (four products, the lm_head gradient written once in the model
+    dtype: the least memory, for large vocabularies under tight memory)."""
     nan_policy: str = "stop"
     """On a non-finite loss or gradient norm: stop (error naming the step and per-source losses) or
     skip (drop that update on every rank; needs ZeRO >= 1 or bf16/fp16; see engine/nan_policy.py)."""
@@ -205,6 +209,7 @@ class RunConfig:
         _one_of("train.kind", self.train.kind, ("sft", "cpt"))
         _one_of("train.optimizer_impl", self.train.optimizer_impl, ("auto", "torch", "fused", "cpu_adam"))
         _one_of("train.loss_backend", self.train.loss_backend, ("auto", "torch", "triton"))
+        _one_of("train.loss_strategy", self.train.loss_strategy, ("row_chunks", "vocab_blocks"))
         _one_of("train.nan_policy", self.train.nan_policy, ("stop", "skip"))
         if self.train.stop_at_step is not None and not 1 <= self.train.stop_at_step <= self.train.max_steps:
             raise ConfigError(f"train.stop_at_step: must be in [1, train.max_steps], got {self.train.stop_at_step}")

@@ -48,7 +48,8 @@ def count_targets(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> int
     return int((labels[..., 1:] != ignore_index).sum())
 
 
-def _fused_head_forward(self, hidden, labels=None, source_index=None, num_sources: int = 1, backend="auto"):
+def _fused_head_forward(self, hidden, labels=None, source_index=None, num_sources: int = 1, backend="auto",
+                        strategy="row_chunks"):
     """Replacement forward of the lm_head Linear. With labels: per-source (loss_sums, counts).
     Without: the original logits, so generation keeps working."""
     if labels is None:
@@ -56,12 +57,12 @@ def _fused_head_forward(self, hidden, labels=None, source_index=None, num_source
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
     if num_sources == 1 or source_index is None:
-        loss, n = masked_linear_cross_entropy(h, self.weight, y, bias=self.bias, backend=backend)
+        loss, n = masked_linear_cross_entropy(h, self.weight, y, bias=self.bias, backend=backend, strategy=strategy)
         return loss.reshape(1), n.reshape(1)
     # One pass over all sources' rows, split by source inside the kernel: the cost and memory of
     # the single-source call (a call per source would read W three times and hold a dW each).
     return masked_linear_cross_entropy_by_group(
-        h, self.weight, y, source_index.reshape(-1), num_sources, bias=self.bias, backend=backend
+        h, self.weight, y, source_index.reshape(-1), num_sources, bias=self.bias, backend=backend, strategy=strategy
     )
 
 
@@ -85,7 +86,8 @@ def fused_loss_supported(model) -> bool:
     return not any(getattr(cfg, k, None) not in (None, 1.0) for k in _UNSUPPORTED_LOGIT_TRANSFORMS)
 
 
-def micro_batch_loss_sums(model, batch: dict, *, num_sources: int, fused: bool, backend: str = "auto"):
+def micro_batch_loss_sums(model, batch: dict, *, num_sources: int, fused: bool, backend: str = "auto",
+                          strategy: str = "row_chunks"):
     """Per-source (sum of response-token CE, response-token count) of one micro-batch.
 
     batch: input_ids, labels (unshifted), optional attention_mask, position_ids, source_index.
@@ -97,7 +99,8 @@ def micro_batch_loss_sums(model, batch: dict, *, num_sources: int, fused: bool, 
         body = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
         hidden = body(**model_inputs, use_cache=False).last_hidden_state
         head = model.get_output_embeddings()
-        return head(hidden, labels=targets, source_index=source_index, num_sources=num_sources, backend=backend)
+        return head(hidden, labels=targets, source_index=source_index, num_sources=num_sources, backend=backend,
+                    strategy=strategy)
     logits = model(**model_inputs, use_cache=False).logits.float()
     per_token = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
@@ -128,11 +131,13 @@ class CausalLMWithMaskedLoss(torch.nn.Module):
     fetching, hooks) intact; `.lm` is the plain HF model for generation and export.
     """
 
-    def __init__(self, lm, *, num_sources: int = 1, backend: str = "auto", fused: Optional[bool] = None):
+    def __init__(self, lm, *, num_sources: int = 1, backend: str = "auto", strategy: str = "row_chunks",
+                 fused: Optional[bool] = None):
         super().__init__()
         self.lm = lm
         self.num_sources = num_sources
         self.backend = backend
+        self.strategy = strategy
         self.fused = fused_loss_supported(lm) if fused is None else fused
         if self.fused:
             install_fused_head(lm)
@@ -141,4 +146,4 @@ class CausalLMWithMaskedLoss(torch.nn.Module):
         batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
                  "position_ids": position_ids, "source_index": source_index}
         return micro_batch_loss_sums(self.lm, batch, num_sources=self.num_sources, fused=self.fused,
-                                     backend=self.backend)
+                                     backend=self.backend, strategy=self.strategy)

@@ -221,7 +221,8 @@ class Trainer:
         self.eval_sets = held_out + setup_eval_data(cfg, self.tokenizer, self.run_dir, ranks)
         model = build_model(cfg.model, self.tokenizer, seed=cfg.train.seed)
         self.n_params = count_parameters(model)
-        wrapped = CausalLMWithMaskedLoss(model, num_sources=len(sources), backend=cfg.train.loss_backend)
+        wrapped = CausalLMWithMaskedLoss(model, num_sources=len(sources), backend=cfg.train.loss_backend,
+                                         strategy=cfg.train.loss_strategy)
         self.engine, self.ds_config = setup_engine(cfg, wrapped, ranks, self.repo_root, resume_source)
         self.zero_stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
         try:

@@ -7,13 +7,14 @@ Algorithm (forward computes the gradients too, as Liger-Kernel does):
      buffer is formed, reduced to the per-row loss, and turned in place into softmax - onehot.
   3. That buffer immediately yields the chunk's dH rows (scattered into a zero [N, d]) and is
      accumulated into a float32 dW (and dB), which the first chunk's product initialises; the next
-     chunk reuses the buffer. No [N, V] or [kept, V]
-     tensor ever exists.
-  4. backward only scales the stored gradients by grad_output.
+     chunk reuses the buffer. No [N, V] or [kept, V] tensor ever exists.
+  4. The per-row losses are summed, or summed per row group (data source) for
+     masked_linear_cross_entropy_by_group; backward only scales the stored gradients.
 Computing gradients in forward costs 3 matmuls of kept x d x V; saving the log-sum-exp and
 recomputing the logits in backward would cost 4 (a third more of the dominant work), so gradients
 are formed in forward. When no input needs a gradient (evaluation, torch.no_grad) only the loss is
-computed, with no gradient buffers.
+computed, with no gradient buffers. strategy="vocab_blocks" runs the other algorithm
+(vocab_blocked_ce.py) behind the same interface: one more product, no fp32 [V, d] accumulator.
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ import torch
 
 from engine.kernels.arguments import check_arguments, check_groups, select_kept_rows
 from engine.kernels.backend import resolve_backend
+from engine.kernels.chunk_types import ChunkedResult, NeededGrads
 from engine.kernels.mixed_precision_matmul import addmm_fp32_, matmul_operand, mm_fp32_into
+from engine.kernels.errors import KernelArgumentError
 from engine.kernels.row_cross_entropy_torch import row_cross_entropy_torch_
+from engine.kernels.vocab_blocked_ce import default_block_columns, vocab_blocked_cross_entropy
 
 RowCrossEntropy = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
 
@@ -43,29 +47,7 @@ CPU_LOGITS_SHARE_OF_GRADIENTS = 0.22
 CPU_MIN_CHUNK_LOGITS_BYTES = 16 * 2**20
 CUDA_CHUNK_LOGITS_BYTES = 1 * 2**30
 CHUNK_ROW_MULTIPLE = 16
-
-
-@dataclass
-class NeededGrads:
-    """Which inputs want a gradient."""
-
-    hidden: bool
-    weight: bool
-    bias: bool
-
-    @property
-    def any(self) -> bool:
-        return self.hidden or self.weight or self.bias
-
-
-@dataclass
-class ChunkedResult:
-    """Per kept row loss and the unscaled gradients of their sum (None when not needed)."""
-
-    row_losses: torch.Tensor
-    grad_hidden: Optional[torch.Tensor]
-    grad_weight: Optional[torch.Tensor]
-    grad_bias: Optional[torch.Tensor]
+STRATEGIES = ("row_chunks", "vocab_blocks")
 
 
 def default_chunk_rows(n_rows: int, hidden_size: int, vocab_size: int, device: torch.device) -> int:
@@ -190,10 +172,13 @@ class _MaskedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, kept_rows, kept_labels, kept_groups, num_groups, chunk_rows, needed, backend):
-        result = chunked_cross_entropy(
-            hidden, weight, bias, kept_rows, kept_labels, chunk_rows, needed, row_cross_entropy_for(backend)
-        )
+    def forward(ctx, hidden, weight, bias, kept_rows, kept_labels, kept_groups, num_groups, plan):
+        if plan.strategy == "vocab_blocks":
+            result = vocab_blocked_cross_entropy(hidden, weight, bias, kept_rows, kept_labels, plan.chunk, plan.needed)
+        else:
+            result = chunked_cross_entropy(
+                hidden, weight, bias, kept_rows, kept_labels, plan.chunk, plan.needed, row_cross_entropy_for(plan.backend)
+            )
         ctx.grads = (result.grad_hidden, result.grad_weight, result.grad_bias)
         if kept_groups is None:
             return result.row_losses.sum().reshape(1)
@@ -216,12 +201,24 @@ class _MaskedLinearCrossEntropy(torch.autograd.Function):
             )
         grads = [None if grad is None else grad.mul_(scale.to(grad.dtype)) for grad in ctx.grads]
         ctx.grads = None
-        return grads[0], grads[1], grads[2], None, None, None, None, None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None, None
 
 
-def _run(hidden, weight, labels, ignore_index, bias, chunk_size, backend, groups, num_groups) -> tuple:
+@dataclass(frozen=True)
+class _Plan:
+    """How one call runs: algorithm, its chunk (rows, or vocabulary columns), backend, gradients."""
+
+    strategy: str
+    chunk: int
+    backend: str
+    needed: NeededGrads
+
+
+def _run(hidden, weight, labels, ignore_index, bias, chunk_size, backend, strategy, groups, num_groups) -> tuple:
     """Validate, drop the rows without a target, and run the autograd Function."""
     check_arguments(hidden, weight, labels, bias, chunk_size)
+    if strategy not in STRATEGIES:
+        raise KernelArgumentError(f"strategy={strategy!r}: expected one of {STRATEGIES}")
     resolved_backend = resolve_backend(backend, hidden.device)
     kept_rows, kept_labels = select_kept_rows(labels, ignore_index, weight.shape[0])
     kept_groups = None if groups is None else check_groups(groups, labels, num_groups).index_select(0, kept_rows)
@@ -231,12 +228,14 @@ def _run(hidden, weight, labels, ignore_index, bias, chunk_size, backend, groups
         weight=grad_enabled and weight.requires_grad,
         bias=grad_enabled and bias is not None and bias.requires_grad,
     )
-    chunk_rows = chunk_size or balanced_chunk_rows(
-        kept_rows.numel(), default_chunk_rows(hidden.shape[0], hidden.shape[1], weight.shape[0], hidden.device)
-    )
-    loss_sums = _MaskedLinearCrossEntropy.apply(
-        hidden, weight, bias, kept_rows, kept_labels, kept_groups, num_groups, chunk_rows, needed, resolved_backend
-    )
+    if strategy == "vocab_blocks":
+        chunk = chunk_size or default_block_columns(kept_rows.numel(), weight.shape[0], hidden.device)
+    else:
+        chunk = chunk_size or balanced_chunk_rows(
+            kept_rows.numel(), default_chunk_rows(hidden.shape[0], hidden.shape[1], weight.shape[0], hidden.device)
+        )
+    plan = _Plan(strategy, chunk, resolved_backend, needed)
+    loss_sums = _MaskedLinearCrossEntropy.apply(hidden, weight, bias, kept_rows, kept_labels, kept_groups, num_groups, plan)
     return loss_sums, kept_rows, kept_groups
 
 
@@ -248,6 +247,7 @@ def masked_linear_cross_entropy(
     bias: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
     backend: str = "auto",
+    strategy: str = "row_chunks",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token CE over rows with a target, without ever forming [N, V] logits.
 
@@ -255,12 +255,15 @@ def masked_linear_cross_entropy(
     labels [N] are already aligned with the rows of hidden (row i predicts labels[i]); rows equal
     to ignore_index do not contribute and never reach the matmul. chunk_size is the number of kept
     rows per chunk (default: equal chunks no larger than a logits-memory budget allows). backend
-    is "auto" (Triton on CUDA, torch otherwise), "torch" or "triton".
+    is "auto" (Triton on CUDA, torch otherwise), "torch" or "triton". strategy "row_chunks" (this
+    module's algorithm: three products, an fp32 dW accumulator) or "vocab_blocks"
+    (vocab_blocked_ce.py: four products, dW written once in the model dtype, the least memory;
+    chunk_size is then the vocabulary columns per block, and the softmax runs as torch ops).
 
     Returns (loss_sum, n_target_tokens): a 0-dim float32 tensor with grad, and a 0-dim int64
     tensor. With no target rows both are 0 and every gradient is exactly 0.
     """
-    loss_sums, kept_rows, _ = _run(hidden, weight, labels, ignore_index, bias, chunk_size, backend, None, 1)
+    loss_sums, kept_rows, _ = _run(hidden, weight, labels, ignore_index, bias, chunk_size, backend, strategy, None, 1)
     n_target_tokens = torch.tensor(kept_rows.numel(), dtype=torch.int64, device=hidden.device)
     return loss_sums.reshape(()), n_target_tokens
 
@@ -275,6 +278,7 @@ def masked_linear_cross_entropy_by_group(
     bias: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
     backend: str = "auto",
+    strategy: str = "row_chunks",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """masked_linear_cross_entropy with the loss and target count split by row group.
 
@@ -284,6 +288,8 @@ def masked_linear_cross_entropy_by_group(
     int64). Differentiate loss_sums.sum() (times any factor): the gradients are formed in forward
     for the sum, and backward refuses upstream gradients that differ between groups.
     """
-    loss_sums, _, kept_groups = _run(hidden, weight, labels, ignore_index, bias, chunk_size, backend, groups, num_groups)
+    loss_sums, _, kept_groups = _run(
+        hidden, weight, labels, ignore_index, bias, chunk_size, backend, strategy, groups, num_groups
+    )
     counts = torch.bincount(kept_groups, minlength=num_groups)[:num_groups]
     return loss_sums, counts

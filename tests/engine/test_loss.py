@@ -125,12 +125,14 @@ def test_all_masked_batch_gives_zero_loss_and_zero_gradients():
         assert p.grad is None or torch.count_nonzero(p.grad) == 0, name
 
 
-def test_fused_and_hf_paths_agree_in_process():
+@pytest.mark.parametrize("strategy", ("row_chunks", "vocab_blocks"))
+def test_fused_and_hf_paths_agree_in_process(strategy):
     torch.manual_seed(0)
     batch = grad_probe.global_batch()
     results = []
     for fused in (True, False):
-        model = CausalLMWithMaskedLoss(grad_probe.tiny_model(), fused=fused, backend="torch", num_sources=2)
+        model = CausalLMWithMaskedLoss(grad_probe.tiny_model(), fused=fused, backend="torch", num_sources=2,
+                                       strategy=strategy)
         source_index = torch.zeros_like(batch["input_ids"])
         source_index[4:] = 1
         loss_sums, counts = model(**batch, source_index=source_index)

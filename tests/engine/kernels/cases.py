@@ -32,6 +32,7 @@ class Case:
     hidden_size: int = 24
     chunk_size: Optional[int] = None
     seed: int = 0
+    strategy: str = "row_chunks"
 
     @property
     def name(self) -> str:
@@ -75,7 +76,7 @@ def measure_case(case: Case, backend: str) -> dict:
     """Run the kernel and the reference; relative errors per output, plus exact facts checked as-is."""
     inputs = make_inputs(case)
     loss_sum, n_target = masked_linear_cross_entropy(
-        inputs.hidden, inputs.weight, inputs.labels, IGNORE_INDEX, inputs.bias, case.chunk_size, backend
+        inputs.hidden, inputs.weight, inputs.labels, IGNORE_INDEX, inputs.bias, case.chunk_size, backend, case.strategy
     )
     (loss_sum * GRAD_SCALE).backward()
     expected = reference_masked_linear_cross_entropy(
