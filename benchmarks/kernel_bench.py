@@ -12,11 +12,12 @@ Cut Cross-Entropy when installed.
 Memory is torch.cuda.max_memory_allocated over the step minus memory allocated before it; time
 from CUDA events, median over interleaved repeats.
 
-    python benchmarks/kernel_bench.py [--quick] [--gpu] [--repeats 3]
+    python benchmarks/kernel_bench.py [--quick] [--gpu | --gpu-only] [--repeats 3]
 
-The last line is always
+Unless --gpu-only, the last line is
     kernel_bench cpu time_ratio=<ours/naive> mem_ratio=<ours/naive> mem_over_floor=<ours/(dW+dH)>
 at 50% prompt rows, dW + dH = (V*d + N*d) * 4 bytes being the gradient buffers any method needs.
+On a GPU machine, benchmarks/gpu_kernels.sh runs the CUDA tests and the GPU part in one go.
 """
 
 from __future__ import annotations
@@ -373,6 +374,7 @@ def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small CPU shape, 50%% prompt only, one repeat")
     parser.add_argument("--gpu", action="store_true", help="also run the GPU part (before the CPU part)")
+    parser.add_argument("--gpu-only", action="store_true", help="run the GPU part only")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per variant")
     parser.add_argument("--inner", type=int, default=2, help="timed steps per CPU subprocess")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per subprocess")
@@ -388,8 +390,10 @@ def main() -> None:
         measurement = cpu_worker(request["variant"], Shape(**request["shape"]), request["prompt_fraction"], request["inner"])
         print(json.dumps(asdict(measurement)))
         return
-    if arguments.gpu:
+    if arguments.gpu or arguments.gpu_only:
         run_gpu(arguments.repeats)
+    if arguments.gpu_only:
+        return
     if arguments.quick:
         run_cpu(QUICK_CPU_SHAPE, (SUMMARY_PROMPT_FRACTION,), repeats=1, inner=1, threads=arguments.threads)
     else:

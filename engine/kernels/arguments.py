@@ -67,8 +67,11 @@ def select_kept_rows(labels: torch.Tensor, ignore_index: int, vocab_size: int) -
     return kept_rows, kept_labels
 
 
-def check_groups(groups: torch.Tensor, labels: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """groups [N] of row group ids in [0, num_groups), as int64; KernelArgumentError otherwise."""
+def kept_groups_of(groups: torch.Tensor, labels: torch.Tensor, kept_rows: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """The int64 group ids of the kept rows, checked to lie in [0, num_groups).
+
+    Rows without a target may carry any id (padding is often -1): they are dropped anyway.
+    """
     if not isinstance(num_groups, int) or num_groups < 1:
         raise KernelArgumentError(f"num_groups: expected a positive int, got {num_groups!r}")
     if groups.shape != labels.shape or groups.device != labels.device:
@@ -77,9 +80,11 @@ def check_groups(groups: torch.Tensor, labels: torch.Tensor, num_groups: int) ->
         )
     if groups.dtype not in (torch.int32, torch.int64):
         raise KernelArgumentError(f"groups: expected int32 or int64, got {groups.dtype}")
-    groups = groups.to(torch.int64)
-    if groups.numel() > 0:
-        low, high = torch.stack([groups.min(), groups.max()]).tolist()
+    kept_groups = groups.index_select(0, kept_rows).to(torch.int64)
+    if kept_groups.numel() > 0:
+        low, high = torch.stack([kept_groups.min(), kept_groups.max()]).tolist()
         if low < 0 or high >= num_groups:
-            raise KernelArgumentError(f"groups: values must be in [0, {num_groups}), found range [{low}, {high}]")
-    return groups
+            raise KernelArgumentError(
+                f"groups: rows with a target must be in groups [0, {num_groups}), found range [{low}, {high}]"
+            )
+    return kept_groups

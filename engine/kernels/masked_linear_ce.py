@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
-from engine.kernels.arguments import check_arguments, check_groups, select_kept_rows
+from engine.kernels.arguments import check_arguments, kept_groups_of, select_kept_rows
 from engine.kernels.backend import resolve_backend
 from engine.kernels.chunk_types import ChunkedResult, NeededGrads
 from engine.kernels.mixed_precision_matmul import addmm_fp32_, matmul_operand, mm_fp32_into
@@ -221,7 +221,7 @@ def _run(hidden, weight, labels, ignore_index, bias, chunk_size, backend, strate
         raise KernelArgumentError(f"strategy={strategy!r}: expected one of {STRATEGIES}")
     resolved_backend = resolve_backend(backend, hidden.device)
     kept_rows, kept_labels = select_kept_rows(labels, ignore_index, weight.shape[0])
-    kept_groups = None if groups is None else check_groups(groups, labels, num_groups).index_select(0, kept_rows)
+    kept_groups = None if groups is None else kept_groups_of(groups, labels, kept_rows, num_groups)
     grad_enabled = torch.is_grad_enabled()
     needed = NeededGrads(
         hidden=grad_enabled and hidden.requires_grad,
@@ -282,7 +282,8 @@ def masked_linear_cross_entropy_by_group(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """masked_linear_cross_entropy with the loss and target count split by row group.
 
-    groups [N] gives each row's group in [0, num_groups) (e.g. its data source). One pass over the
+    groups [N] gives each row's group in [0, num_groups) (e.g. its data source; rows without a
+    target may hold any id, such as -1 for padding). One pass over the
     kept rows of all groups: the cost of the ungrouped call, not num_groups calls (each would read
     W three times and hold its own dW). Returns (loss_sums [G] float32 with grad, counts [G]
     int64). Differentiate loss_sums.sum() (times any factor): the gradients are formed in forward

@@ -58,6 +58,18 @@ def test_unequal_upstream_gradients_raise_instead_of_a_wrong_gradient() -> None:
         (loss_sums * torch.tensor([1.0, 2.0])).sum().backward()
 
 
+def test_rows_without_a_target_may_carry_any_group_id() -> None:
+    """Padding in a packed batch has source index -1; only rows with a target are grouped."""
+    inputs = make_inputs(Case("float32", 12, 2000, 0.0, False))
+    groups = torch.arange(12) % 2
+    groups[-3:] = -1
+    inputs.labels[-3:] = IGNORE_INDEX
+    loss_sums, counts = masked_linear_cross_entropy_by_group(
+        inputs.hidden, inputs.weight, inputs.labels, groups, 2, backend="torch"
+    )
+    assert counts.tolist() == [5, 4] and loss_sums.shape == (2,)
+
+
 def test_a_group_without_targets_gets_zero_loss_and_count() -> None:
     inputs = make_inputs(Case("float32", 12, 2000, 0.0, False))
     groups = torch.zeros(12, dtype=torch.int64)
@@ -76,7 +88,7 @@ def test_a_group_without_targets_gets_zero_loss_and_count() -> None:
         (torch.zeros(8, dtype=torch.int64), 0, "num_groups"),
         (torch.zeros(7, dtype=torch.int64), 2, "groups: expected shape"),
         (torch.zeros(8), 2, "groups: expected int32 or int64"),
-        (torch.full((8,), 2), 2, r"groups: values must be in \[0, 2\)"),
+        (torch.full((8,), 2), 2, r"groups: rows with a target must be in groups \[0, 2\)"),
     ],
 )
 def test_bad_groups_raise_naming_the_argument(groups: torch.Tensor, num_groups: int, match: str) -> None:
