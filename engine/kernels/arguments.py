@@ -57,14 +57,21 @@ def select_kept_rows(labels: torch.Tensor, ignore_index: int, vocab_size: int) -
     """
     kept_rows = torch.nonzero(labels != ignore_index).squeeze(1)
     kept_labels = labels.index_select(0, kept_rows).to(torch.int64)
-    if kept_labels.numel() > 0:
-        low, high = torch.stack([kept_labels.min(), kept_labels.max()]).tolist()
-        if low < 0 or high >= vocab_size:
-            raise KernelArgumentError(
-                f"labels: values must be ignore_index ({ignore_index}) or in [0, {vocab_size}), "
-                f"found range [{low}, {high}]"
-            )
+    low, high = _value_range(kept_labels)
+    if low < 0 or high >= vocab_size:
+        raise KernelArgumentError(
+            f"labels: values must be ignore_index ({ignore_index}) or in [0, {vocab_size}), "
+            f"found range [{low}, {high}]"
+        )
     return kept_rows, kept_labels
+
+
+def _value_range(values: torch.Tensor) -> tuple[int, int]:
+    """(min, max) of an integer tensor in one host sync; (0, 0) when it is empty."""
+    if values.numel() == 0:
+        return 0, 0
+    low, high = torch.stack([values.min(), values.max()]).tolist()
+    return low, high
 
 
 def kept_groups_of(groups: torch.Tensor, labels: torch.Tensor, kept_rows: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -81,10 +88,9 @@ def kept_groups_of(groups: torch.Tensor, labels: torch.Tensor, kept_rows: torch.
     if groups.dtype not in (torch.int32, torch.int64):
         raise KernelArgumentError(f"groups: expected int32 or int64, got {groups.dtype}")
     kept_groups = groups.index_select(0, kept_rows).to(torch.int64)
-    if kept_groups.numel() > 0:
-        low, high = torch.stack([kept_groups.min(), kept_groups.max()]).tolist()
-        if low < 0 or high >= num_groups:
-            raise KernelArgumentError(
-                f"groups: rows with a target must be in groups [0, {num_groups}), found range [{low}, {high}]"
-            )
+    low, high = _value_range(kept_groups)
+    if low < 0 or high >= num_groups:
+        raise KernelArgumentError(
+            f"groups: rows with a target must be in groups [0, {num_groups}), found range [{low}, {high}]"
+        )
     return kept_groups
