@@ -54,6 +54,7 @@ def main() -> None:
     p.add_argument("--accum", type=int, required=True)
     p.add_argument("--hf-loss", action="store_true", help="full logits + F.cross_entropy instead of the fused loss")
     p.add_argument("--untied", action="store_true")
+    p.add_argument("--strategy", default="row_chunks", help="fused loss algorithm (row_chunks or vocab_blocks)")
     p.add_argument("--masked-everything", action="store_true")
     p.add_argument("--local_rank", type=int, default=0)
     args = p.parse_args()
@@ -67,7 +68,8 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     if ROWS != world * args.micro * args.accum:
         raise SystemExit(f"{ROWS} rows != world {world} x micro {args.micro} x accum {args.accum}")
-    model = CausalLMWithMaskedLoss(tiny_model(tie=not args.untied), fused=not args.hf_loss, backend="torch")
+    model = CausalLMWithMaskedLoss(tiny_model(tie=not args.untied), fused=not args.hf_loss, backend="torch",
+                                   strategy=args.strategy)
     ds_config = {
         "train_batch_size": ROWS, "train_micro_batch_size_per_gpu": args.micro,
         "gradient_accumulation_steps": args.accum, "gradient_clipping": 0.0,

@@ -99,12 +99,13 @@ def test_per_micro_batch_mean_would_fail_the_invariant():
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("untied", [False, True], ids=["tied", "untied"])
-def test_zero3_fused_loss_matches_hf_path(tmp_path, untied):
+@pytest.mark.parametrize("untied,strategy", [(False, "row_chunks"), (True, "row_chunks"), (True, "vocab_blocks")],
+                         ids=["tied", "untied", "untied-vocab_blocks"])
+def test_zero3_fused_loss_matches_hf_path(tmp_path, untied, strategy):
     """2 ranks, ZeRO-3: the lm_head weight is partitioned and gathered by DeepSpeed for the fused
-    loss; loss and full gradients equal the plain HF (full logits) path."""
+    loss; loss and full gradients equal the plain HF (full logits) path, with either algorithm."""
     extra = ("--untied",) if untied else ()
-    fused = _probe(tmp_path, 2, 2, 2, 3, *extra)
+    fused = _probe(tmp_path, 2, 2, 2, 3, "--strategy", strategy, *extra)
     hf = _probe(tmp_path, 2, 2, 2, 3, "--hf-loss", *extra)
     want, loss_sum, _ = _reference(untied=untied)
     assert fused["loss_sum"] == pytest.approx(hf["loss_sum"], rel=1e-6)
