@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import zlib
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -84,25 +85,55 @@ def _task_add(rng: random.Random) -> tuple[str, str]:
 TASKS = (_task_num_to_zh, _task_zh_to_num, _task_date, _task_add)
 
 
+# A task whose draws repeat this many times in a row has (nearly) run out of distinct prompts.
+MAX_REPEATED_DRAWS = 1000
+# One prompt in RESERVED_MODULUS (by a stable hash) is reserved for testing: never generated for
+# training, so demo_prompts always finds unseen prompts of every task, however large n is.
+RESERVED_MODULUS = 50
+VERSION = 2
+"""2: distinct instructions only, test prompts reserved (1 drew with repetition)."""
+
+
+def is_reserved(prompt: str) -> bool:
+    """Whether `prompt` belongs to the test part of the task space (never in training data)."""
+    return zlib.crc32(prompt.encode("utf-8")) % RESERVED_MODULUS == 0
+
+
+def _draw_distinct(n: int, rng: random.Random, keep) -> list[tuple[str, str]]:
+    """n (prompt, answer) pairs with distinct prompts that `keep` accepts, the tasks in turn; a
+    task that keeps repeating (its space used up) leaves the rotation to the others."""
+    active, seen, out = list(TASKS), set(), []
+    repeats = {task: 0 for task in TASKS}
+    turn = 0
+    while len(out) < n:
+        if not active:
+            raise ValueError(f"builtin:zh_demo has about {len(out)} distinct samples of this kind; n={n} asks for more")
+        task = active[turn % len(active)]
+        prompt, answer = task(rng)
+        if prompt in seen or not keep(prompt):
+            repeats[task] += 1
+            if repeats[task] >= MAX_REPEATED_DRAWS:
+                active.remove(task)
+            continue
+        repeats[task] = 0
+        seen.add(prompt)
+        out.append((prompt, answer))
+        turn += 1
+    return out
+
+
 def generate(n: int, seed: int = 0) -> list[dict]:
-    """n alpaca records {instruction, input, output}, the four tasks interleaved."""
-    rng = random.Random(seed)
-    return [
-        {"instruction": instruction, "input": "", "output": output}
-        for instruction, output in (TASKS[i % len(TASKS)](rng) for i in range(n))
-    ]
+    """n alpaca records {instruction, input, output}: distinct instructions, the four tasks in
+    turn (a small task, such as the 2,550 sums, stops contributing once used up), none of them a
+    reserved test prompt. Duplicates would only repeat samples and leak into held-out splits."""
+    pairs = _draw_distinct(n, random.Random(seed), lambda prompt: not is_reserved(prompt))
+    return [{"instruction": instruction, "input": "", "output": output} for instruction, output in pairs]
 
 
 def demo_prompts(n: int = 8, exclude: frozenset[str] | set[str] = frozenset()) -> list[tuple[str, str]]:
-    """Fixed (prompt, expected answer) pairs, drawn with a seed the training set never uses,
-    skipping prompts in `exclude` (pass a training set's instructions for truly unseen prompts)."""
-    rng = random.Random(987654321)
-    out: list[tuple[str, str]] = []
-    while len(out) < n:
-        prompt, answer = TASKS[len(out) % len(TASKS)](rng)
-        if prompt not in exclude:
-            out.append((prompt, answer))
-    return out
+    """Fixed (prompt, expected answer) pairs from the reserved test part of every task (so never
+    in any generated training set), drawn with their own seed; prompts in `exclude` are skipped."""
+    return _draw_distinct(n, random.Random(987654321), lambda prompt: is_reserved(prompt) and prompt not in exclude)
 
 
 def parse_builtin(path: str) -> tuple[str, int, int]:
@@ -128,7 +159,7 @@ def parse_builtin(path: str) -> tuple[str, int, int]:
 def materialize_builtin(path: str, cache_dir: str | Path) -> str:
     """Write the builtin set as alpaca JSONL under cache_dir (once) and return the file path."""
     name, n, seed = parse_builtin(path)
-    out = Path(cache_dir) / f"{name}-n{n}-seed{seed}.jsonl"
+    out = Path(cache_dir) / f"{name}-v{VERSION}-n{n}-seed{seed}.jsonl"
     if out.is_file():
         return str(out)
     out.parent.mkdir(parents=True, exist_ok=True)

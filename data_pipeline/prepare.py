@@ -35,6 +35,7 @@ import numpy as np
 
 from data_pipeline.encoding import EncodeSettings
 from data_pipeline.errors import DataError, FieldError
+from data_pipeline.fingerprint import duplicate_count
 from data_pipeline.formats import detect_format
 from data_pipeline.readers import RawRecord, decode_payload, input_checksum, iter_records, list_files
 from data_pipeline.shard_cache import default_cache_dir, is_url
@@ -60,6 +61,7 @@ class SourceReport:
     tokens: int = 0
     response_tokens: int = 0
     truncated: int = 0
+    duplicates: int = 0
     skips: dict = field(default_factory=dict)
     examples: list = field(default_factory=list)
     seconds: float = 0.0
@@ -69,6 +71,9 @@ class SourceReport:
         head = (f"{self.name}: {self.samples} samples kept of {self.records} records, {self.tokens} tokens, "
                 f"{self.response_tokens} response tokens, {self.truncated} truncated, {state}")
         out = [head]
+        if self.duplicates:
+            out.append(f"  exact duplicates: {self.duplicates} samples repeat an earlier sample of this source "
+                       f"({self.duplicates / max(self.samples, 1):.1%}); each copy is trained on")
         if self.skips:
             out.append("  skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(self.skips.items())))
             for ex in self.examples[:6]:
@@ -219,6 +224,7 @@ class _SourceBuild:
     report: SourceReport
     shards: list = field(default_factory=list)
     lengths: list = field(default_factory=list)
+    fingerprints: list = field(default_factory=list)
 
     @property
     def tmp(self) -> Path:
@@ -230,16 +236,20 @@ class _SourceBuild:
             self.shards.append({"id": result.shard_id, "token_start": self.report.tokens - result.tokens,
                                 "tokens": result.tokens, "samples": result.samples, "files": result.files})
         self.lengths.append(result.lengths)
+        self.fingerprints.append(result.fingerprints)
 
     def finish(self) -> tuple[ShardedSource, SourceReport]:
         """Index + manifest (written last), then the atomic rename into place."""
         report = self.report
         all_lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int32)
-        index_files = write_index(self.tmp, all_lengths)
+        fingerprints = np.concatenate(self.fingerprints) if self.fingerprints else np.zeros(0, dtype=np.uint64)
+        index_files = write_index(self.tmp, all_lengths, fingerprints)
+        report.duplicates = duplicate_count(fingerprints)
         report.seconds = time.perf_counter() - self.start_time
         manifest = dict(self.manifest, shards=self.shards, index_files=index_files, **{
             "counts": {"records": report.records, "samples": report.samples, "tokens": report.tokens,
-                       "response_tokens": report.response_tokens, "truncated": report.truncated},
+                       "response_tokens": report.response_tokens, "truncated": report.truncated,
+                       "duplicate_samples": report.duplicates},
             "skips": dict(report.skips), "skip_examples": [asdict(e) for e in report.examples],
             "length_histogram": _length_histogram(all_lengths), "seconds": round(report.seconds, 3),
         })
@@ -351,7 +361,8 @@ def _report_from_manifest(manifest: dict) -> SourceReport:
     counts = manifest["counts"]
     return SourceReport(manifest["source"], reused=True, records=counts["records"], samples=counts["samples"],
                         tokens=counts["tokens"], response_tokens=counts["response_tokens"],
-                        truncated=counts["truncated"], skips=manifest.get("skips", {}),
+                        truncated=counts["truncated"], duplicates=counts.get("duplicate_samples", 0),
+                        skips=manifest.get("skips", {}),
                         examples=manifest.get("skip_examples", []))
 
 

@@ -4,6 +4,7 @@ Layout of one prepared source folder `<out_dir>/<source name>/`:
     manifest.json          written last; a folder without it (or with "complete" != true) is invalid
     lengths.npy            int32 [N]   tokens per sample (memory-mapped, never read in full on open)
     offsets.npy            int64 [N+1] start of each sample in the concatenated token stream
+    fingerprints.npy       uint64 [N]  exact-duplicate fingerprint per sample (fingerprint.py)
     tokens-XXXXX.bin       token ids of shard X, uint16 if the vocab fits (<= 65535 ids) else uint32
     mask-XXXXX.bin         loss mask of shard X as bits (numpy packbits, little bit order)
 Shard X covers global token positions [manifest.shards[X].token_start, + tokens).
@@ -91,12 +92,14 @@ class ShardWriter:
         self.files[path.name] = file_record(data)
 
 
-def write_index(folder: Path, lengths: np.ndarray) -> dict[str, dict]:
-    """Write lengths.npy and offsets.npy; return their {name: {size, sha256}}."""
+def write_index(folder: Path, lengths: np.ndarray, fingerprints: np.ndarray) -> dict[str, dict]:
+    """Write lengths.npy, offsets.npy and fingerprints.npy; return their {name: {size, sha256}}."""
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     records = {}
-    for name, array in (("lengths.npy", lengths.astype(np.int32)), ("offsets.npy", offsets)):
+    arrays = (("lengths.npy", lengths.astype(np.int32)), ("offsets.npy", offsets),
+              ("fingerprints.npy", fingerprints.astype(np.uint64)))
+    for name, array in arrays:
         np.save(folder / name, array)
         records[name] = file_record((folder / name).read_bytes())
     return records
@@ -187,6 +190,16 @@ class ShardedSource:
     @property
     def lengths(self) -> np.ndarray:
         return self._lengths
+
+    @property
+    def fingerprints(self) -> Optional[np.ndarray]:
+        """uint64 [N] per-sample fingerprints, or None for a folder prepared before they existed."""
+        index_files = self.manifest.get("index_files", {})
+        if "fingerprints.npy" not in index_files:
+            return None
+        if len(self) == 0:
+            return np.zeros(0, dtype=np.uint64)
+        return np.load(self._path("fingerprints.npy", index_files), mmap_mode="r")
 
     def _shard(self, position: int) -> tuple[int, np.memmap, np.memmap]:
         k = int(np.searchsorted(self._shard_starts, position, side="right")) - 1

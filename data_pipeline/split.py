@@ -68,6 +68,10 @@ class IndexedView:
     def original_index(self, index: int) -> int:
         raise NotImplementedError
 
+    def _parent_fingerprints(self) -> Optional[np.ndarray]:
+        fingerprints = getattr(self.parent, "fingerprints", None)
+        return None if fingerprints is None else np.asarray(fingerprints)
+
     def get(self, index: int):
         if not 0 <= index < len(self):
             raise IndexError(f"sample {index} out of range for {self.name!r} with {len(self)} samples")
@@ -84,6 +88,11 @@ class HeldOutView(IndexedView):
     def original_index(self, index: int) -> int:
         return int(self._held_out[index])
 
+    @property
+    def fingerprints(self) -> Optional[np.ndarray]:
+        parent = self._parent_fingerprints()
+        return None if parent is None else parent[self._held_out]
+
 
 class TrainingView(IndexedView):
     """Every sample of a source except the held-out ones, in original order.
@@ -95,7 +104,13 @@ class TrainingView(IndexedView):
     def __init__(self, parent: SampleSource, held_out: np.ndarray) -> None:
         lengths = np.delete(np.asarray(parent.lengths), held_out) if len(held_out) else parent.lengths
         super().__init__(parent, parent.name, lengths)
+        self._held_out = held_out
         self._kept_before_gap = held_out - np.arange(len(held_out), dtype=np.int64)
+
+    @property
+    def fingerprints(self) -> Optional[np.ndarray]:
+        parent = self._parent_fingerprints()
+        return None if parent is None else np.delete(parent, self._held_out)
 
     def original_index(self, index: int) -> int:
         return index + int(np.searchsorted(self._kept_before_gap, index, side="right"))

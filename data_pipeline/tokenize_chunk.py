@@ -21,6 +21,7 @@ import numpy as np
 
 from data_pipeline.encoding import EncodedSample, EncodeSettings, encode_conversation, encode_document
 from data_pipeline.errors import DataError, SkipExample
+from data_pipeline.fingerprint import sample_fingerprint
 from data_pipeline.formats import Conversation, TextDocument, parse_record
 from data_pipeline.readers import RawRecord, decode_payload
 from data_pipeline.shards import ShardWriter
@@ -58,6 +59,8 @@ class ChunkResult:
     response_tokens: int = 0
     truncated: int = 0
     lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    fingerprints: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
+    """One per sample, in shard order (fingerprint.py)."""
     skips: Counter = field(default_factory=Counter)
     examples: list[SkipExample] = field(default_factory=list)
     files: dict[str, dict] = field(default_factory=dict)
@@ -137,6 +140,7 @@ class ChunkTokenizer:
                     break
                 self._skip(result, err, record)
         writer = ShardWriter(Path(self.job.folder), shard_id, np.dtype(self.job.token_dtype))
+        fingerprints: list[int] = []
         for (record, sample, rendered), (ids, offsets) in zip(parsed, self._tokenize(parsed)):
             try:
                 encoded = self._encode(rendered, ids, offsets)
@@ -145,11 +149,13 @@ class ChunkTokenizer:
                 continue
             for e in encoded:
                 writer.add(e.input_ids, e.trained)
+                fingerprints.append(sample_fingerprint(e.input_ids, e.trained))
                 result.response_tokens += int(e.trained.sum())
                 result.truncated += int(e.truncated)
         if pending is not None:
             self._skip(result, *pending)
         result.lengths = writer.lengths()
+        result.fingerprints = np.array(fingerprints, dtype=np.uint64)
         result.tokens = writer.close()
         result.files = writer.files
         return result

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.accounting import consumed_sample_ids, source_counts
+from data_pipeline.fingerprint import eval_overlap_warnings
 from data_pipeline.prepare import prepare_sources
 from data_pipeline.shards import open_prepared
 from data_pipeline.stream import SFTStream, StreamStateError
@@ -219,6 +220,9 @@ class Trainer:
         # Held-out samples leave the training sources here, before the schedule sees them.
         sources, held_out = split_training_sources(sources, cfg.data.sources)
         self.eval_sets = held_out + setup_eval_data(cfg, self.tokenizer, self.run_dir, ranks)
+        if _is_main(ranks):
+            for warning in eval_overlap_warnings(sources, [(e.name, e.source) for e in self.eval_sets]):
+                print(f"warning: {warning}", flush=True)
         model = build_model(cfg.model, self.tokenizer, seed=cfg.train.seed)
         self.n_params = count_parameters(model)
         wrapped = CausalLMWithMaskedLoss(model, num_sources=len(sources), backend=cfg.train.loss_backend,

@@ -8,6 +8,7 @@ from data_pipeline.demo_data import (
     date_to_chinese,
     demo_prompts,
     generate,
+    is_reserved,
     materialize_builtin,
     number_to_chinese,
     parse_builtin,
@@ -43,6 +44,25 @@ def test_generation_is_deterministic_and_answers_are_computed():
             assert record["output"] == number_to_chinese(n)
         elif record["instruction"].endswith("写成阿拉伯数字。"):
             assert number_to_chinese(int(record["output"])) in record["instruction"]
+
+
+def test_generated_instructions_are_distinct_and_never_reserved():
+    records = generate(12000, seed=1)
+    instructions = [r["instruction"] for r in records]
+    assert len(set(instructions)) == len(instructions) == 12000
+    assert not any(is_reserved(q) for q in instructions)
+    prompts = demo_prompts(8)
+    assert all(is_reserved(q) for q, _ in prompts) and len({q for q, _ in prompts}) == 8
+
+
+def test_a_used_up_task_leaves_the_rotation_and_too_large_n_is_an_error(monkeypatch):
+    import data_pipeline.demo_data as demo
+
+    sums = [r for r in generate(10000) if "加" in r["instruction"]]
+    assert 2400 <= len(sums) <= 2550  # all but the reserved of the 51 x 50 sums, then no more
+    monkeypatch.setattr(demo, "TASKS", (demo._task_add,))
+    with pytest.raises(ValueError, match="n=3000 asks for more"):
+        demo.generate(3000)
 
 
 def test_demo_prompts_can_exclude_the_training_set():

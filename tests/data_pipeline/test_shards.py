@@ -20,7 +20,7 @@ def build(folder, samples_per_shard: list[list[tuple[np.ndarray, np.ndarray]]], 
         shards.append({"id": sid, "token_start": start, "tokens": tokens, "samples": len(samples)})
         start += tokens
     all_lengths = np.concatenate(lengths)
-    write_index(folder, all_lengths)
+    write_index(folder, all_lengths, np.arange(len(all_lengths), dtype=np.uint64))
     write_manifest(folder, {"format_version": FORMAT_VERSION, "source": "s", "token_dtype": np.dtype(dtype).str,
                             "shards": shards, "counts": {"samples": int(len(all_lengths))}})
     return ShardedSource(folder)
