@@ -68,7 +68,9 @@ def _task_num_to_zh(rng: random.Random) -> tuple[str, str]:
 
 
 def _task_zh_to_num(rng: random.Random) -> tuple[str, str]:
-    n = rng.choice([rng.randint(0, 99), rng.randint(100, 9999)])
+    # Uniform over the task's 10,000 numbers: with distinct samples, a favoured sub-range (such as
+    # the 100 two-digit numbers) would just run out.
+    n = rng.randint(0, 9999)
     return f"把“{number_to_chinese(n)}”写成阿拉伯数字。", str(n)
 
 
