@@ -73,7 +73,7 @@ class SourceReport:
         out = [head]
         if self.duplicates:
             out.append(f"  exact duplicates: {self.duplicates} samples repeat an earlier sample of this source "
-                       f"({self.duplicates / max(self.samples, 1):.1%}); each copy is trained on")
+                       f"({self.duplicates / max(self.samples, 1):.1%}); data.dedup=exact trains on each once")
         if self.skips:
             out.append("  skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(self.skips.items())))
             for ex in self.examples[:6]:

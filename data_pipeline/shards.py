@@ -27,8 +27,9 @@ from data_pipeline.shard_cache import ShardCache, file_record, is_url
 from data_pipeline.spec import source_train_on
 from data_pipeline.templates import template_spec
 
-FORMAT_VERSION = 2
-"""2: special-token text in the data is tokenized as plain text (special_text.py)."""
+FORMAT_VERSION = 3
+"""2: special-token text in the data is tokenized as plain text (special_text.py).
+3: fingerprints.npy beside the index (fingerprint.py); older folders are prepared again."""
 MANIFEST = "manifest.json"
 IGNORE_INDEX = -100
 

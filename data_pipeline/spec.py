@@ -14,6 +14,7 @@ FORMATS = ("auto", "alpaca", "sharegpt", "messages", "text")
 TRAIN_ON = ("all_assistant", "last_assistant", "everything")
 TRUNCATION = ("truncate_prompt", "drop")
 ON_ERROR = ("strict", "skip")
+DEDUP = ("none", "exact")
 
 
 class DataConfigError(ValueError):
@@ -101,6 +102,10 @@ class DataConfig:
     """Over-long samples: truncate_prompt (cut the prompt side first) or drop."""
     on_error: str = "skip"
     """Bad records: strict (stop at the first, naming file/line/field) or skip (count, report)."""
+    dedup: str = "none"
+    """exact: train on the first occurrence of each sample only (same tokens and loss mask),
+    dropping repeats inside each source (and eval source) before the held-out split; none: keep
+    them. prepare reports the duplicates either way."""
     packing: bool = True
     """Pack several samples into one sequence (no attention across samples)."""
     seed: int = 1234
@@ -132,7 +137,8 @@ class DataConfig:
             if s.name in names:  # eval/<name>/loss must say which set it is
                 raise DataConfigError(f"{key}.eval_sources[{i}].name: {s.name!r} is already a source name")
             names.add(s.name)
-        for k, allowed in (("train_on", TRAIN_ON), ("truncation", TRUNCATION), ("on_error", ON_ERROR)):
+        for k, allowed in (("train_on", TRAIN_ON), ("truncation", TRUNCATION), ("on_error", ON_ERROR),
+                           ("dedup", DEDUP)):
             if getattr(self, k) not in allowed:
                 raise DataConfigError(f"{key}.{k}: {getattr(self, k)!r} is not one of {allowed}")
         if self.prefetch_shards < 0:

@@ -30,7 +30,7 @@ MEANINGFUL_KEYS = (
     "model.path", "model.from_scratch", "model.dtype",
     "tokenizer",
     "data.sources", "data.template", "data.train_on", "data.seq_len", "data.truncation", "data.on_error",
-    "data.packing", "data.seed",
+    "data.packing", "data.seed", "data.dedup",
     "train.global_batch_size", "train.seed", "train.kind",
 )
 

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.accounting import consumed_sample_ids, source_counts
+from data_pipeline.dedup import deduplicate
 from data_pipeline.fingerprint import eval_overlap_warnings
 from data_pipeline.prepare import prepare_sources
 from data_pipeline.shards import open_prepared
@@ -123,7 +124,22 @@ def setup_data(cfg: RunConfig, tokenizer, run_dir: Path, ranks: Ranks):
         # others wait and then memory-map the shards. run_dir must be on storage all nodes see.
         prepare_sources(cfg.data, tokenizer, out_dir, show_progress=True)
     _barrier()
-    return open_prepared(cfg.data, tokenizer, out_dir)
+    return deduplicated(open_prepared(cfg.data, tokenizer, out_dir), cfg.data.dedup, "data.sources", ranks)
+
+
+def deduplicated(sources: list, dedup: str, key: str, ranks: Ranks) -> list:
+    """With data.dedup=exact, each source without its exact duplicates (every rank computes the
+    same views from the same fingerprints; rank 0 says what was dropped)."""
+    if dedup != "exact":
+        return sources
+    out = []
+    for i, source in enumerate(sources):
+        view, dropped = deduplicate(source, f"{key}[{i}]")
+        if dropped and _is_main(ranks):
+            print(f"dedup: {source.name}: {dropped} exact duplicates dropped, {len(view)} of {len(source)} "
+                  "samples kept", flush=True)
+        out.append(view)
+    return out
 
 
 def setup_eval_data(cfg: RunConfig, tokenizer, run_dir: Path, ranks: Ranks) -> list[EvalSet]:
@@ -135,7 +151,8 @@ def setup_eval_data(cfg: RunConfig, tokenizer, run_dir: Path, ranks: Ranks) -> l
     if _is_main(ranks):
         prepare_sources(eval_cfg, tokenizer, out_dir, show_progress=True)
     _barrier()
-    return [EvalSet(s.name, s) for s in open_prepared(eval_cfg, tokenizer, out_dir)]
+    opened = deduplicated(open_prepared(eval_cfg, tokenizer, out_dir), cfg.data.dedup, "data.eval_sources", ranks)
+    return [EvalSet(s.name, s) for s in opened]
 
 
 def setup_engine(cfg: RunConfig, model, ranks: Ranks, repo_root: Path,

@@ -26,7 +26,8 @@ def test_cpt_then_sft(tmp_path):
                               {"name": "zh_replay", "path": "builtin:zh_demo?n=300&seed=4", "format": "alpaca",
                                "proportion": 0.4, "train_on": "all_assistant"}]}},
         {"name": "sft", "train": {"kind": "sft", "max_steps": 3},
-         "data": {"sources": [{"name": "zh_demo", "path": "builtin:zh_demo?n=300", "format": "alpaca",
+         "data": {"dedup": "exact",
+                  "sources": [{"name": "zh_demo", "path": "builtin:zh_demo?n=300", "format": "alpaca",
                                "eval_count": 16}]}},
     ]
     proc = launch_deepspeed(write_config(tmp_path / "run.yaml", cfg), log=tmp_path / "run.log")
