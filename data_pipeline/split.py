@@ -78,20 +78,21 @@ class IndexedView:
         return self.parent.get(self.original_index(index))
 
 
-class HeldOutView(IndexedView):
-    """The held-out samples of a source, in original order."""
+class SelectedView(IndexedView):
+    """Chosen samples of a source, in original order: the held-out ones of a split, or the first
+    occurrences kept by deduplication (dedup.py)."""
 
-    def __init__(self, parent: SampleSource, held_out: np.ndarray, name: Optional[str] = None) -> None:
-        super().__init__(parent, name or parent.name, np.asarray(parent.lengths)[held_out])
-        self._held_out = held_out
+    def __init__(self, parent: SampleSource, selected: np.ndarray, name: Optional[str] = None) -> None:
+        super().__init__(parent, name or parent.name, np.asarray(parent.lengths)[selected])
+        self._selected = selected
 
     def original_index(self, index: int) -> int:
-        return int(self._held_out[index])
+        return int(self._selected[index])
 
     @property
     def fingerprints(self) -> Optional[np.ndarray]:
         parent = self._parent_fingerprints()
-        return None if parent is None else parent[self._held_out]
+        return None if parent is None else parent[self._selected]
 
 
 class TrainingView(IndexedView):
@@ -116,10 +117,10 @@ class TrainingView(IndexedView):
         return index + int(np.searchsorted(self._kept_before_gap, index, side="right"))
 
 
-def split_source(parent: SampleSource, spec: SourceSpec, key: str = "data.sources") -> tuple[SampleSource, Optional[HeldOutView]]:
+def split_source(parent: SampleSource, spec: SourceSpec, key: str = "data.sources") -> tuple[SampleSource, Optional[SelectedView]]:
     """(training view, held-out view or None). Without a split the parent itself trains."""
     count = held_out_count(spec, len(parent), key)
     if count == 0:
         return parent, None
     held_out = held_out_indices(spec.name, len(parent), count)
-    return TrainingView(parent, held_out), HeldOutView(parent, held_out)
+    return TrainingView(parent, held_out), SelectedView(parent, held_out)

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.dedup import DeduplicatedView, deduplicate, first_occurrences
+from data_pipeline.dedup import deduplicate, first_occurrences
 from data_pipeline.fingerprint import eval_overlap_warnings
 from data_pipeline.prepare import prepare_sources
 from data_pipeline.spec import DataConfig, DataConfigError, SourceSpec
-from data_pipeline.split import split_source
+from data_pipeline.split import SelectedView, split_source
 
 
 def _write(path: Path, indices) -> Path:
@@ -33,7 +33,7 @@ def test_deduplicated_source_then_split_has_no_overlap(tiny_tokenizer, tmp_path)
     (source,) = prepare_sources(DataConfig(sources=[spec], template="chatml"), tiny_tokenizer, tmp_path / "out",
                                 show_progress=False)
     view, dropped = deduplicate(source, "data.sources[0]")
-    assert isinstance(view, DeduplicatedView) and dropped == 4 and len(view) == 12
+    assert isinstance(view, SelectedView) and dropped == 4 and len(view) == 12
     first = [order.index(i) for i in range(12)]
     assert [view.original_index(j) for j in range(12)] == sorted(first)
     for j in range(12):
