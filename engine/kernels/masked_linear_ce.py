@@ -27,8 +27,8 @@ import torch
 from engine.kernels.arguments import check_arguments, kept_groups_of, select_kept_rows
 from engine.kernels.backend import resolve_backend
 from engine.kernels.chunk_types import ChunkedResult, NeededGrads
-from engine.kernels.mixed_precision_matmul import addmm_fp32_, matmul_operand, mm_fp32_into
 from engine.kernels.errors import KernelArgumentError
+from engine.kernels.mixed_precision_matmul import addmm_fp32_, matmul_operand, mm_fp32_into
 from engine.kernels.row_cross_entropy_torch import row_cross_entropy_torch_
 from engine.kernels.vocab_blocked_ce import default_block_columns, vocab_blocked_cross_entropy
 
@@ -283,9 +283,9 @@ def masked_linear_cross_entropy_by_group(
     """masked_linear_cross_entropy with the loss and target count split by row group.
 
     groups [N] gives each row's group in [0, num_groups) (e.g. its data source; rows without a
-    target may hold any id, such as -1 for padding). One pass over the
-    kept rows of all groups: the cost of the ungrouped call, not num_groups calls (each would read
-    W three times and hold its own dW). Returns (loss_sums [G] float32 with grad, counts [G]
+    target may hold any id, such as -1 for padding). One pass over the kept rows of all groups:
+    the cost of the ungrouped call, not num_groups calls (each would read W three times and hold
+    its own dW). Returns (loss_sums [G] float32 with grad, counts [G]
     int64). Differentiate loss_sums.sum() (times any factor): the gradients are formed in forward
     for the sum, and backward refuses upstream gradients that differ between groups.
     """
