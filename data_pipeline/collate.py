@@ -1,9 +1,10 @@
 """Rows of samples -> the micro-batch tensors the model and the loss consume.
 
-Per row, samples are laid end to end and padded on the right. labels stay UNshifted (the loss
-shifts once) and the first token of every sample is set to -100, so after the shift the last token
-of sample A never learns to predict the first token of sample B. position_ids restart at 0 per
-sample (rotary embeddings then see each sample as if alone).
+Per row, samples are laid end to end and padded on the right, into a MicroBatch (batch.py).
+labels follow data_pipeline/labels.py: unshifted, and the first token of every sample does not
+train (`sample_labels`), so after the loss's shift the last token of sample A never learns to
+predict the first token of sample B. position_ids restart at 0 per sample (rotary embeddings then
+see each sample as if alone).
 
 attention_mask formats (verified against the installed transformers' LlamaForCausalLM on CPU):
   * "bool"     [mb, 1, L, L] bool, True = may attend: block-diagonal causal. HF returns a 4-D mask
@@ -16,7 +17,7 @@ attention_mask formats (verified against the installed transformers' LlamaForCau
                position_ids resets and runs the varlen kernel; HF only does this for one row per
                micro-batch (micro_batch_size=1). On CPU sdpa/eager this is NOT block-diagonal.
 Padding tokens form their own causal segment, so every query row keeps one allowed key (a fully
-masked row would make softmax NaN and poison the backward pass even though its labels are -100).
+masked row would make softmax NaN and poison the backward pass even though nothing there trains).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from data_pipeline.batch import MicroBatch
+from data_pipeline.labels import IGNORE_INDEX, sample_labels
+
 MASK_FORMATS = ("bool", "additive", "none")
 
 
@@ -49,7 +52,8 @@ def block_diagonal_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return (same_segment & causal)[:, None]
 
 
-def collate_rows(rows: Sequence[Sequence[LoadedSample]], pad_to: int, pad_id: int, mask_format: str = "bool") -> dict:
+def collate_rows(rows: Sequence[Sequence[LoadedSample]], pad_to: int, pad_id: int,
+                 mask_format: str = "bool") -> MicroBatch:
     """Lay out `rows` (each a list of samples) into right-padded [len(rows), pad_to] tensors."""
     if mask_format not in MASK_FORMATS:
         raise ValueError(f"mask_format: {mask_format!r} is not one of {MASK_FORMATS}")
@@ -68,8 +72,7 @@ def collate_rows(rows: Sequence[Sequence[LoadedSample]], pad_to: int, pad_id: in
                 raise ValueError(f"collate: row {r} needs {cursor + n} tokens but rows hold {pad_to}")
             span = slice(cursor, cursor + n)
             input_ids[r, span] = sample.input_ids
-            labels[r, span] = sample.labels
-            labels[r, cursor] = IGNORE_INDEX  # nothing before it in this sample predicts it
+            labels[r, span] = sample_labels(sample.labels)
             position_ids[r, span] = np.arange(n)
             source_index[r, span] = sample.source
             segment_ids[r, span] = segment
@@ -78,15 +81,21 @@ def collate_rows(rows: Sequence[Sequence[LoadedSample]], pad_to: int, pad_id: in
         position_ids[r, cursor:] = np.arange(pad_to - cursor)
         segment_ids[r, cursor:] = len(row)
         sample_ids.append([(s.source, s.index) for s in row])
-    batch = {
-        "input_ids": torch.from_numpy(input_ids),
-        "labels": torch.from_numpy(labels),
-        "position_ids": torch.from_numpy(position_ids),
-        "source_index": torch.from_numpy(source_index),
-        "sample_ids": sample_ids,
-        "attention_mask": _attention_mask(torch.from_numpy(segment_ids), mask_format),
-    }
-    return batch
+    return MicroBatch(
+        input_ids=torch.from_numpy(input_ids),
+        labels=torch.from_numpy(labels),
+        position_ids=torch.from_numpy(position_ids),
+        source_index=torch.from_numpy(source_index),
+        attention_mask=_attention_mask(torch.from_numpy(segment_ids), mask_format),
+        sample_ids=sample_ids,
+    )
+
+
+def filler_batch(pad_id: int, mask_format: str = "bool") -> MicroBatch:
+    """One row of one padding token and no target: a forward that adds (0, 0) to the loss sums
+    (a rank whose share is used up runs these so that every rank runs the same forwards)."""
+    sample = LoadedSample(0, 0, np.array([pad_id], dtype=np.int64), np.array([IGNORE_INDEX], dtype=np.int64))
+    return collate_rows([[sample]], 1, pad_id, mask_format)
 
 
 def _attention_mask(segment_ids: torch.Tensor, mask_format: str) -> Optional[torch.Tensor]:

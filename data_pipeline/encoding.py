@@ -11,10 +11,14 @@ price of occasionally training a template character merged into it. Built-in tem
 prompt piece with a newline or a special token, which byte-level pre-tokenizers never merge with
 the next character except inside a whitespace run.
 
-Truncation (seq_len): `drop` rejects an over-long sample; `truncate_prompt` keeps the last
-seq_len tokens ending at the last trained token, so the earliest turns go first, then the head of
-the last prompt; if the final response alone does not fit the sample is rejected
-(response_too_long). A sample with no trained token is always rejected (no_trained_tokens).
+Truncation (seq_len), at whole messages: an over-long conversation loses whole exchanges (a user
+turn and the turns answering it), oldest first, never the system prompt or the tool definitions
+before the first exchange, and never starts inside a message. Only when the last exchange alone
+does not fit does the declared policy apply: `truncate_prompt` cuts the start of that last user
+message's content (its header stays), `whole_turns` rejects the sample (last_exchange_too_long),
+and `drop` rejects any over-long sample (too_long). If the final response alone does not fit the
+sample is rejected (response_too_long). Each outcome is counted in the manifest. A sample with no
+trained token is always rejected (no_trained_tokens).
 Text documents (continued pretraining) train on every token plus a closing eos and are split into
 consecutive seq_len chunks instead of truncated.
 """
@@ -27,7 +31,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from data_pipeline.errors import SampleRejected
-from data_pipeline.templates import Rendered
+from data_pipeline.rendering import Rendered
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,9 @@ class EncodedSample:
     trained: np.ndarray
     """bool [n]: True where the token is a training target (labels == input_ids)."""
     truncated: bool = False
+    truncation: str = ""
+    """How it was truncated: "" (not), "whole_turns" (oldest exchanges dropped) or "prompt_cut"
+    (the start of the last user message cut as well)."""
 
 
 def spans_to_mask(offsets: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray:
@@ -66,23 +73,45 @@ def select_spans(rendered: Rendered, train_on: str) -> list[tuple[int, int]]:
     return list(rendered.assistant_spans)
 
 
-def truncate(sample: EncodedSample, last_span_tokens: int, settings: EncodeSettings) -> EncodedSample:
-    n = len(sample.input_ids)
-    if n <= settings.seq_len:
+def _joined(sample: EncodedSample, pieces: list[tuple[int, int]], how: str) -> EncodedSample:
+    ids = np.concatenate([sample.input_ids[a:b] for a, b in pieces])
+    trained = np.concatenate([sample.trained[a:b] for a, b in pieces])
+    return EncodedSample(ids, trained, truncated=True, truncation=how)
+
+
+def truncate(sample: EncodedSample, rendered: Rendered, offsets: np.ndarray, settings: EncodeSettings
+             ) -> EncodedSample:
+    """`sample` cut to seq_len at whole exchanges (see the module docstring)."""
+    n, limit = len(sample.input_ids), settings.seq_len
+    if n <= limit:
         return sample
     if settings.truncation == "drop":
-        raise SampleRejected(f"{n} tokens > seq_len {settings.seq_len} (truncation=drop)", reason="too_long")
-    if last_span_tokens > settings.seq_len:
-        raise SampleRejected(f"the final response alone has {last_span_tokens} tokens > seq_len {settings.seq_len}",
-                             reason="response_too_long")
-    trained_positions = np.flatnonzero(sample.trained)
-    end = int(trained_positions[-1]) + 1
-    start = max(0, end - settings.seq_len)
-    return EncodedSample(sample.input_ids[start:end], sample.trained[start:end], truncated=True)
+        raise SampleRejected(f"{n} tokens > seq_len {limit} (truncation=drop)", reason="too_long")
+    bounds = rendered.exchange_bounds()
+    if not bounds:
+        raise SampleRejected(f"{n} tokens > seq_len {limit}, and the template's turns cannot be located to "
+                             "truncate at whole messages", reason="truncation_unsupported")
+    token_starts = offsets[:, 0]
 
+    def token_at(char: int) -> int:  # first token that starts at or after a character offset
+        return int(np.searchsorted(token_starts, char, side="left"))
 
-def _last_span_token_count(offsets: np.ndarray, span: tuple[int, int]) -> int:
-    return int(spans_to_mask(offsets, [span]).sum())
+    prefix = token_at(bounds[0][0])
+    exchange = [token_at(start) for start, _ in bounds]
+    for first_kept in exchange[1:]:
+        if prefix + n - first_kept <= limit:
+            return _joined(sample, [(0, prefix), (first_kept, n)], "whole_turns")
+    if settings.truncation == "whole_turns":
+        raise SampleRejected(f"the last exchange alone has {n - exchange[-1]} tokens (+{prefix} of system prompt) > "
+                             f"seq_len {limit} (truncation=whole_turns)", reason="last_exchange_too_long")
+    content = token_at(bounds[-1][1])
+    head = prefix + content - exchange[-1]  # system prompt + the last user message's header
+    trained_after = np.flatnonzero(sample.trained[content:])
+    response = n - (content + int(trained_after[0])) if len(trained_after) else 0
+    if head + response > limit:
+        raise SampleRejected(f"the final response alone has {response} tokens (+{head} of system prompt and header) "
+                             f"> seq_len {limit}", reason="response_too_long")
+    return _joined(sample, [(0, prefix), (exchange[-1], content), (n - (limit - head), n)], "prompt_cut")
 
 
 def encode_conversation(rendered: Rendered, ids: Sequence[int], offsets: Sequence[tuple[int, int]],
@@ -93,8 +122,7 @@ def encode_conversation(rendered: Rendered, ids: Sequence[int], offsets: Sequenc
     trained = spans_to_mask(off_arr, spans)
     if not trained.any():
         raise SampleRejected("no token is trained (empty response after templating)", reason="no_trained_tokens")
-    last = _last_span_token_count(off_arr, rendered.assistant_spans[-1]) if rendered.assistant_spans else 0
-    return truncate(EncodedSample(ids_arr, trained), last, settings)
+    return truncate(EncodedSample(ids_arr, trained), rendered, off_arr, settings)
 
 
 def encode_document(ids: Sequence[int], eos_id: Optional[int], seq_len: int) -> list[EncodedSample]:

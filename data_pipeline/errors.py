@@ -20,33 +20,41 @@ class DataError(ValueError):
     reason = "data_error"
 
     def __init__(self, message: str, *, file: str = "", line: Optional[int] = None, field: str = "",
-                 reason: Optional[str] = None) -> None:
+                 reason: Optional[str] = None, index: Optional[int] = None) -> None:
         self.message = message
         self.file = file
         self.line = line
         self.field = field
+        self.index = index
+        """Position of the record inside a JSON array (0-based), when it came from one: a one-line
+        array puts every element on line 1, so the line alone does not say which one it is."""
         if reason is not None:
             self.reason = reason
         super().__init__(self._describe())
 
     def _describe(self) -> str:
-        where = self.file or "<input>"
+        """file:line [item i] field 'x': message [reason]; parts that are unknown are left out."""
+        where = self.file
         if self.line is not None:
-            where += f":{self.line}"
+            where = f"{where or '<input>'}:{self.line}"
+        if self.index is not None:
+            where += f" [item {self.index}]"
         if self.field:
             where += f" field {self.field!r}"
-        return f"{where}: {self.message} [{self.reason}]"
+        where = where.strip()
+        return f"{where}: {self.message} [{self.reason}]" if where else f"{self.message} [{self.reason}]"
 
-    def located(self, file: str, line: Optional[int]) -> "DataError":
+    def located(self, file: str, line: Optional[int], index: Optional[int] = None) -> "DataError":
         """A copy of this error with the record's location filled in (parsers do not know it)."""
-        return type(self)(self.message, file=file, line=line, field=self.field, reason=self.reason)
+        return type(self)(self.message, file=file, line=line, field=self.field, reason=self.reason,
+                          index=self.index if index is None else index)
 
     def __reduce__(self):
-        return (_rebuild, (type(self), self.message, self.file, self.line, self.field, self.reason))
+        return (_rebuild, (type(self), self.message, self.file, self.line, self.field, self.reason, self.index))
 
 
-def _rebuild(cls, message, file, line, field, reason):
-    return cls(message, file=file, line=line, field=field, reason=reason)
+def _rebuild(cls, message, file, line, field, reason, index=None):
+    return cls(message, file=file, line=line, field=field, reason=reason, index=index)
 
 
 class MalformedInputError(DataError):
@@ -73,10 +81,31 @@ class SampleRejected(DataError):
     reason = "rejected"
 
 
+class SampleExcluded(DataError):
+    """Not an error: the record is left out by a declared rule (e.g. a KTO record labelled false under
+    format 'chosen'). Counted like a skip in both on_error modes; strict mode does not stop for it."""
+
+    reason = "excluded"
+
+
 class TemplateError(DataError):
     """The chat template cannot render a conversation, or its loss mask cannot be derived exactly."""
 
     reason = "template_error"
+
+
+class SourceRejected(DataError):
+    """A source as a whole cannot train: no record in a file, no sample kept, or more records
+    skipped than data.max_skip_fraction allows (a broken file must not pass as a few bad records)."""
+
+    reason = "source_rejected"
+
+
+class WorkerDied(DataError):
+    """A prepare worker process ended without a result (killed, e.g. by the out-of-memory killer,
+    or crashed); the chunk it held is named, since its records may be what it died on."""
+
+    reason = "worker_died"
 
 
 class PreparedDataError(DataError):
@@ -94,7 +123,14 @@ class SkipExample:
     line: Optional[int]
     field: str
     message: str
+    index: Optional[int] = None
+    """Position inside a JSON array, when the record came from one."""
 
     @classmethod
     def from_error(cls, err: DataError) -> "SkipExample":
-        return cls(err.reason, err.file, err.line, err.field, err.message)
+        return cls(err.reason, err.file, err.line, err.field, err.message, err.index)
+
+    def location(self) -> str:
+        """file:line [item i], as DataError writes it."""
+        where = f"{self.file or '<input>'}:{self.line}" if self.line is not None else (self.file or "<input>")
+        return where + (f" [item {self.index}]" if self.index is not None else "")

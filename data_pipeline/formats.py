@@ -7,6 +7,17 @@ Supported record shapes (format=auto looks at the first record of a source):
   messages  OpenAI chat: {"messages": [{"role", "content", "tool_calls"?}], "tools"?}; role=tool
             carries a tool result.
   text      {text_field: "..."} or one line of a .txt file.
+  chosen    preference data trained on its chosen answers: chosen/rejected pairs (alpaca-style
+            instruction/input, a `prompt` string or message list, or ShareGPT conversations plus a
+            chosen turn), or KTO-style records with a boolean `label` (label false never trains).
+
+Reasoning (distilled R1/Qwen3-style data) is kept per assistant turn in `Message.reasoning`, read
+from `reasoning_content` (also spelt `reasoning`, `thinking`) on messages and ShareGPT turns, and
+from the same fields (plus `think`) of alpaca records. `<think>...</think>` written inside the
+content stays in the content: templates decide how to render either form (templates.py).
+
+Records that are not SFT conversations (preference pairs, KTO labels) are refused by the plain
+formats with a message that says what they are and which format trains them.
 
 Parsers raise FieldError / ConversationError with the offending field path
 (e.g. "conversations[3].from"); the caller adds file and line.
@@ -14,170 +25,28 @@ Parsers raise FieldError / ConversationError with the offending field path
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
-from data_pipeline.errors import ConversationError, DataError, FieldError
+from data_pipeline.conversation import (ROLES, Conversation, Message, Sample, TextDocument, ToolCall,
+                                        validate_conversation)
+from data_pipeline.errors import ConversationError, DataError, FieldError, SampleExcluded
+from data_pipeline.record_fields import (ALPACA_REASONING_KEYS, REASONING_KEYS, field_value,
+                                         parse_function_call_text, parse_tool_call, parse_tools, reasoning_field,
+                                         refuse_non_sft, required_content, text_content)
 
-ROLES = ("user", "assistant", "tool")
-
-
-@dataclass
-class ToolCall:
-    """One function call made by the assistant. `arguments` is a dict or the raw JSON string."""
-
-    name: str
-    arguments: Union[dict, str]
-
-    def as_json_text(self) -> str:
-        """The canonical text form used by built-in templates: {"name": ..., "arguments": ...}."""
-        args = self.arguments if isinstance(self.arguments, str) else json.dumps(self.arguments, ensure_ascii=False)
-        return '{"name": ' + json.dumps(self.name, ensure_ascii=False) + ', "arguments": ' + args + "}"
-
-
-@dataclass
-class Message:
-    role: str
-    """user, assistant or tool (system lives on the Conversation)."""
-    content: str
-    tool_calls: Optional[list[ToolCall]] = None
-
-
-@dataclass
-class Conversation:
-    messages: list[Message]
-    system: Optional[str] = None
-    tools: Optional[list] = None
-
-
-@dataclass
-class TextDocument:
-    """A plain document for continued pretraining: every token trains."""
-
-    text: str
-
-
-Sample = Union[Conversation, TextDocument]
-
-
-# ----------------------------------------------------------------------------- field helpers
-
-def _field(record: dict, key: str, path: str, *, required: bool = True, kind: type = str) -> Any:
-    if not isinstance(record, dict):
-        raise FieldError(f"expected a JSON object, got {type(record).__name__}", field=path or "<record>",
-                         reason="bad_type")
-    value = record.get(key)
-    where = f"{path}.{key}" if path else key
-    if value is None:
-        if required:
-            raise FieldError(f"required field {where!r} is missing", field=where, reason="missing_field")
-        return None
-    if not isinstance(value, kind):
-        raise FieldError(f"expected {kind.__name__}, got {type(value).__name__}", field=where, reason="bad_type")
-    return value
-
-
-def _text_content(value: Any, where: str) -> str:
-    """Content may be a string or OpenAI-style parts [{"type": "text", "text": ...}]; None means empty."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in value):
-        return "".join(p["text"] for p in value)
-    raise FieldError(f"expected a string, got {type(value).__name__}", field=where, reason="bad_type")
-
-
-def _parse_tools(value: Any, where: str) -> Optional[list]:
-    """`tools` is a JSON list or a string holding one (glaive style); empty means no tools."""
-    if value is None or value == "" or value == []:
-        return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise FieldError(f"tools is not valid JSON: {e.msg}", field=where, reason="bad_type") from None
-    if not isinstance(value, list):
-        raise FieldError(f"expected a list of tool schemas, got {type(value).__name__}", field=where,
-                         reason="bad_type")
-    return value or None
-
-
-def _parse_tool_call(value: Any, where: str) -> ToolCall:
-    if isinstance(value, dict) and isinstance(value.get("function"), dict):
-        value = value["function"]  # OpenAI {"type": "function", "function": {...}}
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-        raise FieldError("a tool call needs a string 'name'", field=where, reason="bad_type")
-    args = value.get("arguments", {})
-    if not isinstance(args, (dict, str)):
-        raise FieldError("tool call 'arguments' must be an object or a JSON string", field=f"{where}.arguments",
-                         reason="bad_type")
-    return ToolCall(value["name"], args)
-
-
-def _parse_function_call_text(text: str, where: str) -> list[ToolCall]:
-    """ShareGPT function_call turns hold JSON text: one call object or a list of them."""
-    try:
-        parsed = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise FieldError(f"function_call value is not valid JSON: {e.msg}", field=where, reason="bad_type") from None
-    calls = parsed if isinstance(parsed, list) else [parsed]
-    if not calls:
-        raise FieldError("function_call holds no call", field=where, reason="bad_type")
-    return [_parse_tool_call(c, where) for c in calls]
-
-
-# ----------------------------------------------------------------------------- validation
-
-def validate_conversation(conv: Conversation, field_prefix: str) -> Conversation:
-    """Enforce the turn grammar every template relies on:
-
-        user (assistant-with-tool-calls tool+)* assistant  [repeated], ending on an assistant turn.
-
-    A tool result must follow an assistant turn that made tool calls (or another tool result);
-    an assistant turn without tool calls must have non-blank content.
-    """
-    msgs = conv.messages
-    if not msgs:
-        raise ConversationError("conversation has no turns", field=field_prefix, reason="empty_conversation")
-    previous = None
-    for i, m in enumerate(msgs):
-        where = f"{field_prefix}[{i}]"
-        if m.role not in ROLES:
-            raise ConversationError(f"unknown role {m.role!r}", field=where, reason="unknown_role")
-        if m.role == "assistant" and not m.tool_calls and not m.content.strip():
-            raise ConversationError("empty assistant response", field=where, reason="empty_response")
-        allowed = _NEXT_ROLES[previous]
-        if m.role not in allowed:
-            after = previous or "the start"
-            raise ConversationError(f"{m.role} turn after {after}; expected {' or '.join(allowed)}", field=where,
-                                    reason="bad_turn_order")
-        previous = "assistant_call" if (m.role == "assistant" and m.tool_calls) else m.role
-    if previous != "assistant":
-        raise ConversationError(f"conversation ends on a {msgs[-1].role} turn; the last turn must be the "
-                                "assistant's answer", field=f"{field_prefix}[{len(msgs) - 1}]",
-                                reason="ends_without_response")
-    return conv
-
-
-_NEXT_ROLES: dict[Optional[str], tuple[str, ...]] = {
-    None: ("user",),
-    "user": ("assistant",),
-    "assistant": ("user",),
-    "assistant_call": ("tool",),
-    "tool": ("tool", "assistant"),
-}
+__all__ = ["ROLES", "Conversation", "Message", "Sample", "TextDocument", "ToolCall", "detect_format",
+           "parse_record", "validate_conversation"]
 
 
 # ----------------------------------------------------------------------------- parsers
 
 def parse_alpaca(record: dict, text_field: str = "text") -> Conversation:
-    instruction = _field(record, "instruction", "")
-    extra = _field(record, "input", "", required=False) or ""
-    output = _field(record, "output", "")
-    system = _field(record, "system", "", required=False) or None
-    history = _field(record, "history", "", required=False, kind=list) or []
+    refuse_non_sft(record)
+    instruction = field_value(record, "instruction", "")
+    extra = field_value(record, "input", "", required=False) or ""
+    output = field_value(record, "output", "")
+    system = field_value(record, "system", "", required=False) or None
+    history = field_value(record, "history", "", required=False, kind=list) or []
     messages: list[Message] = []
     for i, pair in enumerate(history):
         where = f"history[{i}]"
@@ -188,7 +57,8 @@ def parse_alpaca(record: dict, text_field: str = "text") -> Conversation:
     if not output.strip():
         raise ConversationError("empty assistant response", field="output", reason="empty_response")
     prompt = f"{instruction}\n{extra}" if extra else instruction
-    messages += [Message("user", prompt), Message("assistant", output)]
+    messages += [Message("user", prompt), Message("assistant", output, None,
+                                                  reasoning_field(record, ALPACA_REASONING_KEYS, ""))]
     # Only history turns can break the grammar now; message 2i/2i+1 is history[i].
     return validate_conversation(Conversation(messages, system), "history")
 
@@ -203,62 +73,128 @@ _SHAREGPT_ROLES = {
 
 
 def parse_sharegpt(record: dict, text_field: str = "text") -> Conversation:
+    refuse_non_sft(record)
     key = "conversations" if "conversations" in record else "messages"
-    turns = _field(record, key, "", kind=list)
-    system = _field(record, "system", "", required=False) or None
-    tools = _parse_tools(record.get("tools"), "tools")
+    turns = field_value(record, key, "", kind=list)
+    system = field_value(record, "system", "", required=False) or None
+    tools = parse_tools(record.get("tools"), "tools")
+    # ShareGPT spells turns {from, value}; some files use {role, content}: one spelling per record,
+    # so that a missing key is reported under the name the file uses.
+    spelling = ("role", "content") if turns and all(isinstance(t, dict) and "from" not in t and "role" in t
+                                                    for t in turns) else ("from", "value")
+    role_key, value_key = spelling
     messages: list[Message] = []
     for i, turn in enumerate(turns):
         where = f"{key}[{i}]"
-        role_key, value_key = ("from", "value") if isinstance(turn, dict) and "from" in turn else ("role", "content")
-        role = _field(turn, role_key, where)
-        content = _text_content(turn.get(value_key), f"{where}.{value_key}")
+        role = field_value(turn, role_key, where)
         mapped = _SHAREGPT_ROLES.get(role)
         if mapped is None:
-            raise ConversationError(f"unknown role {role!r}", field=f"{where}.{role_key}", reason="unknown_role")
+            raise ConversationError(f"unknown role {role[:40]!r}", field=f"{where}.{role_key}", reason="unknown_role")
+        if mapped == "assistant":
+            content = text_content(turn.get(value_key), f"{where}.{value_key}")
+        else:
+            content = required_content(turn, value_key, where)
         if mapped == "system":
             if i != 0:
                 raise ConversationError("system turn is only allowed first", field=where, reason="bad_turn_order")
             system = content
         elif mapped == "function_call":
-            messages.append(Message("assistant", "", _parse_function_call_text(content, f"{where}.{value_key}")))
+            messages.append(Message("assistant", "", parse_function_call_text(content, f"{where}.{value_key}")))
+        elif mapped == "assistant":
+            messages.append(Message("assistant", content, None, reasoning_field(turn, REASONING_KEYS, where)))
         else:
             messages.append(Message(mapped, content))
     return validate_conversation(Conversation(messages, system, tools), key)
 
 
 def parse_messages(record: dict, text_field: str = "text") -> Conversation:
-    turns = _field(record, "messages", "", kind=list)
-    tools = _parse_tools(record.get("tools"), "tools")
+    refuse_non_sft(record)
+    turns = field_value(record, "messages", "", kind=list)
+    tools = parse_tools(record.get("tools"), "tools")
     system: Optional[str] = None
     messages: list[Message] = []
     for i, turn in enumerate(turns):
         where = f"messages[{i}]"
-        role = _field(turn, "role", where)
-        content = _text_content(turn.get("content"), f"{where}.content")
+        role = field_value(turn, "role", where)
         if role in ("system", "developer"):
             if messages or system is not None:
                 raise ConversationError("system message is only allowed first", field=where, reason="bad_turn_order")
-            system = content
+            system = required_content(turn, "content", where)
             continue
         if role not in ROLES:
-            raise ConversationError(f"unknown role {role!r}", field=f"{where}.role", reason="unknown_role")
+            raise ConversationError(f"unknown role {role[:40]!r}", field=f"{where}.role", reason="unknown_role")
+        if role == "assistant":  # content may be null when the turn only calls tools
+            content = text_content(turn.get("content"), f"{where}.content")
+        else:
+            content = required_content(turn, "content", where)
         raw_calls = turn.get("tool_calls")
         calls = None
         if raw_calls:
             if role != "assistant" or not isinstance(raw_calls, list):
                 raise FieldError("tool_calls must be a list on an assistant message", field=f"{where}.tool_calls",
                                  reason="bad_type")
-            calls = [_parse_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(raw_calls)]
-        messages.append(Message(role, content, calls))
+            calls = [parse_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(raw_calls)]
+        reasoning = reasoning_field(turn, REASONING_KEYS, where) if role == "assistant" else None
+        messages.append(Message(role, content, calls, reasoning))
     return validate_conversation(Conversation(messages, system, tools), "messages")
 
 
 def parse_text(record: Union[dict, str], text_field: str = "text") -> TextDocument:
-    text = record if isinstance(record, str) else _field(record, text_field, "")
+    text = record if isinstance(record, str) else field_value(record, text_field, "")
     if not text.strip():
         raise FieldError("empty document", field=text_field, reason="empty_response")
     return TextDocument(text)
+
+
+def _turns(value: Any, where: str, role: str) -> list[dict]:
+    """A prompt or an answer of a preference record as a list of turn dicts."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, dict):
+        return [value]
+    if isinstance(value, list) and all(isinstance(t, dict) for t in value):
+        return list(value)
+    raise FieldError(f"expected a string, a turn or a list of turns, got {type(value).__name__}", field=where,
+                     reason="bad_type")
+
+
+def _conversation_of_turns(record: dict, turns: list[dict], text_field: str) -> Conversation:
+    sharegpt = any("from" in t for t in turns)
+    rebuilt = {"conversations" if sharegpt else "messages": turns,
+               **{k: record[k] for k in ("system", "tools") if k in record}}
+    return parse_sharegpt(rebuilt, text_field) if sharegpt else parse_messages(rebuilt, text_field)
+
+
+def parse_chosen(record: dict, text_field: str = "text") -> Conversation:
+    """Preference data trained on its chosen answer; KTO records only where label is true."""
+    if isinstance(record.get("label"), bool):
+        if not record["label"]:
+            raise SampleExcluded("label is false: an undesirable answer, never trained", field="label",
+                                 reason="kto_label_false")
+        plain = {k: v for k, v in record.items() if k != "label"}
+        if "prompt" in plain and "completion" in plain:  # TRL's unpaired layout
+            turns = _turns(plain["prompt"], "prompt", "user") + _turns(plain["completion"], "completion", "assistant")
+            return _conversation_of_turns(plain, turns, text_field)
+        return parse_record(plain, detect_format(plain, text_field), text_field)
+    if "chosen" not in record:
+        raise FieldError("format 'chosen' needs a 'chosen' answer (preference pairs) or a boolean 'label' (KTO)",
+                         field="chosen", reason="missing_field")
+    chosen = record["chosen"]
+    if "instruction" in record:  # alpaca-style pair: instruction/input + chosen/rejected strings
+        if not isinstance(chosen, str):
+            raise FieldError(f"expected the chosen answer as a string, got {type(chosen).__name__}", field="chosen",
+                             reason="bad_type")
+        plain = {k: v for k, v in record.items() if k not in ("chosen", "rejected")}
+        return parse_alpaca({**plain, "output": chosen}, text_field)
+    answer = _turns(chosen, "chosen", "assistant")
+    first = answer[0] if answer else {}
+    if first.get("role", first.get("from")) in ("user", "human", "system"):
+        return _conversation_of_turns(record, answer, text_field)  # chosen holds the whole conversation
+    for key in ("conversations", "messages", "prompt"):
+        if key in record:
+            return _conversation_of_turns(record, _turns(record[key], key, "user") + answer, text_field)
+    raise FieldError("a preference pair needs its prompt: 'instruction', 'prompt', 'conversations' or 'messages'",
+                     field="prompt", reason="missing_field")
 
 
 PARSERS: dict[str, Callable[[Any, str], Sample]] = {
@@ -266,6 +202,7 @@ PARSERS: dict[str, Callable[[Any, str], Sample]] = {
     "sharegpt": parse_sharegpt,
     "messages": parse_messages,
     "text": parse_text,
+    "chosen": parse_chosen,
 }
 
 
@@ -274,6 +211,7 @@ def detect_format(record: Any, text_field: str = "text") -> str:
     if isinstance(record, str):
         return "text"
     if isinstance(record, dict):
+        refuse_non_sft(record)
         if "instruction" in record and "output" in record:
             return "alpaca"
         if "conversations" in record:

@@ -1,7 +1,7 @@
 """Jinja chat templates: exact response spans from one marked rendering, checked by one clean one.
 
-What trains (see templates.py): for every assistant turn, the text from the end of the
-generation prompt that opens the turn to the end of its end-of-turn marker.
+What trains (the mask rule, rendering.py): for every assistant turn, the text after the turn's
+generation prompt (rendered with the same template arguments) through its end-of-turn marker.
 
 Fast path (two renders per conversation, whatever the number of turns):
   1. render the conversation as is (the text that is tokenized);
@@ -12,12 +12,12 @@ Fast path (two renders per conversation, whatever the number of turns):
   3. per assistant turn the response starts right after the last generation prompt before its
      first sentinel and ends after the first end-of-turn marker after its last sentinel.
   The generation prompt is learnt once per template: render([user], True) minus render([user]).
-Fallback (two renders per assistant turn, exact for any template that ignores sentinels badly):
-  a = render(turns before k, add_generation_prompt=True)     # prompt up to the response
-  b = render(turns up to and including k)
-  the response starts where a and b first differ and ends after the last end-of-turn marker in b;
-  the piece is then located in the full rendering. Templates that rewrite a turn beyond
-  recognition raise TemplateError (the sample is skipped and counted, never silently mis-masked).
+Fallback (one render per assistant turn: the mask rule of rendering.py as written):
+  p = render(turns before k, add_generation_prompt=True)     # the turn's generation prompt
+  the response starts where p and the full rendering first differ (so a thinking block that
+  replaces the prompt's empty one trains from where they part) and ends after the next
+  end-of-turn marker. Templates that render earlier turns differently once turn k is added raise
+  TemplateError (the sample is skipped and counted, never silently mis-masked).
 
 Rendering uses the same sandbox, filters and globals as transformers' apply_chat_template; the
 sandbox's attribute-safety verdicts, a pure function of (type, attribute name), are memoised
@@ -31,9 +31,9 @@ from typing import Any, Optional
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from data_pipeline.conversation import Conversation
 from data_pipeline.errors import TemplateError
-from data_pipeline.formats import Conversation
-from data_pipeline.templates import Rendered, conversation_to_dicts
+from data_pipeline.rendering import Rendered, common_prefix_len, conversation_to_dicts
 
 SENTINEL_OPEN = "\ue000"
 """Private-use character placed before an assistant message's content in the marked render."""
@@ -42,6 +42,8 @@ SENTINEL_CLOSE = "\ue001"
 SENTINEL_CALL = "\ue002"
 """Placed before the name of each tool call of an assistant message."""
 _SENTINEL_RE = re.compile("[\ue000-\ue002]")
+SENTINEL_USER = "\ue003"
+"""Placed before every user message's content to locate the exchanges (truncation only)."""
 _PROBE = [{"role": "user", "content": "probe"}]
 
 
@@ -75,20 +77,6 @@ def compile_jinja(source: str):
     return env.from_string(source)
 
 
-def _common_prefix_len(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # binary search on the first differing character
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
 def _marked_messages(messages: list[dict]) -> tuple[list[dict], list[int]]:
     """Copies of the messages with sentinels in assistant turns; also the sentinels per turn."""
     marked, counts = [], []
@@ -113,7 +101,8 @@ def _marked_messages(messages: list[dict]) -> tuple[list[dict], list[int]]:
 class JinjaTemplate:
     """A Jinja chat template with exact response spans (see module docstring)."""
 
-    def __init__(self, name: str, source: str, special_tokens: dict[str, str], end_of_turn: Optional[str]) -> None:
+    def __init__(self, name: str, source: str, special_tokens: dict[str, str], end_of_turn: Optional[str],
+                 kwargs: Optional[dict] = None) -> None:
         if "add_generation_prompt" not in source:
             raise TemplateError(f"chat template {name!r} ignores add_generation_prompt, so the start of a response "
                                 "cannot be located; choose a built-in template", field="template")
@@ -121,6 +110,8 @@ class JinjaTemplate:
         self.source = source
         self.end_of_turn = end_of_turn
         self._special = dict(special_tokens)
+        self._kwargs = dict(kwargs or {})
+        """Template arguments (enable_thinking, ...): passed like apply_chat_template's extra kwargs."""
         self._compiled = compile_jinja(source)
         self.generation_prompt = self._learn_generation_prompt()
         self.fallbacks = 0
@@ -129,7 +120,7 @@ class JinjaTemplate:
     def _render(self, messages: list[dict], tools: Optional[list], generation_prompt: bool) -> str:
         try:
             return self._compiled.render(messages=messages, tools=tools, add_generation_prompt=generation_prompt,
-                                         **self._special)
+                                         **self._special, **self._kwargs)
         except Exception as e:  # jinja2 raises its own TemplateError / UndefinedError / TypeError from user code
             raise TemplateError(f"chat template {self.name!r} failed: {e}", field="template",
                                 reason="template_error") from None
@@ -155,7 +146,45 @@ class JinjaTemplate:
         if spans is None:
             self.fallbacks += 1
             spans = self._incremental_spans(messages, conv.tools, full)
-        return Rendered(full, spans)
+        return Rendered(full, spans, find_exchanges=lambda: self._find_exchanges(messages, conv.tools, full, spans))
+
+    # ------------------------------------------------------------------------- exchanges
+
+    def _user_header(self) -> Optional[str]:
+        """The text this template writes before a user message's content (after the previous
+        turn's end-of-turn marker and whitespace), learnt from a one-message probe."""
+        try:
+            probe = self._render([{"role": "user", "content": SENTINEL_USER}], None, False)
+        except TemplateError:
+            return None
+        if probe.count(SENTINEL_USER) != 1:
+            return None
+        before = probe[:probe.index(SENTINEL_USER)]
+        eot = self.end_of_turn
+        return (before[before.rindex(eot) + len(eot):] if eot and eot in before else before).lstrip()
+
+    def _find_exchanges(self, messages: list[dict], tools: Optional[list], full: str,
+                        spans: list[tuple[int, int]]) -> Optional[list[tuple[int, int]]]:
+        """(start, content start) of each exchange, from one render with a sentinel before every
+        user content: an exchange after the first starts at the first non-blank character after
+        the previous answer's end-of-turn marker; the first one starts a user header earlier."""
+        users = sum(m["role"] == "user" for m in messages)
+        marked = [dict(m, content=SENTINEL_USER + (m["content"] or "")) if m["role"] == "user" else m for m in messages]
+        text = self._render(marked, tools, False)
+        positions = [p - i for i, p in enumerate(i for i, ch in enumerate(text) if ch == SENTINEL_USER)]
+        if len(positions) != users or not users or text.replace(SENTINEL_USER, "") != full:
+            return None
+        starts = []
+        for content in positions[1:]:
+            previous_end = max((end for _, end in spans if end <= content), default=None)
+            if previous_end is None:
+                return None
+            gap = full[previous_end:content]
+            starts.append(previous_end + len(gap) - len(gap.lstrip()))
+        header = full[starts[0]:positions[1]] if starts else self._user_header()
+        if header is None or not full[:positions[0]].endswith(header):
+            return None
+        return [(positions[0] - len(header), positions[0])] + list(zip(starts, positions[1:]))
 
     # ------------------------------------------------------------------------- fast path
 
@@ -200,26 +229,30 @@ class JinjaTemplate:
         return piece
 
     def _incremental_spans(self, messages: list[dict], tools: Optional[list], full: str) -> list[tuple[int, int]]:
+        """Spans by the definition: turn k trains `full` from where it departs from the turn's
+        generation prompt through the next end-of-turn marker."""
         spans: list[tuple[int, int]] = []
         cursor = 0
         for k, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
             prompt = self._render(messages[:k], tools, True)
-            upto = full if k == len(messages) - 1 else self._render(messages[: k + 1], tools, False)
-            start = _common_prefix_len(prompt, upto)
-            piece = self._trim_after_end_of_turn(upto[start:])
-            if not piece:
-                raise TemplateError(f"assistant turn {k} renders to nothing", field=f"messages[{k}]")
-            if start >= cursor and full.startswith(upto[: start + len(piece)]):
-                pos = start
-            else:
-                pos = full.find(piece, cursor)
-                if pos < 0:
-                    raise TemplateError(f"template {self.name!r} rewrites assistant turn {k} in the full conversation; "
-                                        "its loss mask cannot be derived exactly", field=f"messages[{k}]")
-            spans.append((pos, pos + len(piece)))
-            cursor = pos + len(piece)
+            start = common_prefix_len(prompt, full)
+            if start < cursor:
+                raise TemplateError(f"template {self.name!r} renders the turns before assistant turn {k} differently "
+                                    "once that turn is added; its loss mask cannot be derived exactly",
+                                    field=f"messages[{k}]")
+            if self.end_of_turn:
+                tail = full.find(self.end_of_turn, start)
+                end = tail + len(self.end_of_turn) if tail >= 0 else -1
+            else:  # no end-of-turn marker known: the turn's own rendering says where it ends
+                upto = full if k == len(messages) - 1 else self._render(messages[: k + 1], tools, False)
+                end = start + len(self._trim_after_end_of_turn(upto[start:])) if full.startswith(upto) else -1
+            if end <= start:
+                raise TemplateError(f"template {self.name!r}: assistant turn {k} has no end in the full conversation; "
+                                    "its loss mask cannot be derived exactly", field=f"messages[{k}]")
+            spans.append((start, end))
+            cursor = end
         return spans
 
     def incremental_render(self, conv: Conversation) -> Rendered:

@@ -9,12 +9,15 @@ on world size (packing happens before rows are dealt to ranks).
 First-fit is found in O(log rows) per sample with a max-segment-tree over the rows' free space;
 all rows stay open until the batch closes, so short samples keep filling the gaps that long ones
 leave.
+
+Evaluation packs differently (`pack_next_fit`): each rank packs its own share of a set in order,
+because an eval set is read once and needs no schedule, no resume position and no global layout.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Sequence
 
 
 class SampleTooLongError(ValueError):
@@ -82,3 +85,18 @@ def pack_global_batch(start: int, length_at: Callable[[int], int], rows: int, se
         packed[row].append(position)
         position += 1
     return PackedBatch(start, position, tuple(tuple(r) for r in packed))
+
+
+def pack_next_fit(indices: Iterable[int], lengths: Sequence[int], seq_len: int) -> list[list[int]]:
+    """`indices` in order, packed into rows of <= seq_len tokens by next-fit (a sample that does
+    not fit closes the row). Packing changes no loss (tests/data_pipeline/test_packing.py)."""
+    rows: list[list[int]] = []
+    used = seq_len  # forces a new row for the first sample
+    for index in indices:
+        n = int(lengths[index])
+        if used + n > seq_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(index)
+        used += n
+    return rows

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -23,15 +24,27 @@ from typing import Any, Optional
 import numpy as np
 
 from data_pipeline.errors import PreparedDataError
+from data_pipeline.labels import IGNORE_INDEX
 from data_pipeline.shard_cache import ShardCache, file_record, is_url
-from data_pipeline.spec import source_train_on
-from data_pipeline.templates import template_spec
+from data_pipeline.spec import check_source_name, source_train_on
+from data_pipeline.templates import source_template_spec
 
 FORMAT_VERSION = 3
 """2: special-token text in the data is tokenized as plain text (special_text.py).
 3: fingerprints.npy beside the index (fingerprint.py); older folders are prepared again."""
 MANIFEST = "manifest.json"
-IGNORE_INDEX = -100
+_FOLDER_FILE = re.compile(r"(tokens|mask)-\d{5,}\.bin|(lengths|offsets|fingerprints)\.npy|manifest\.json(\.tmp)?")
+"""The names of every file prepare writes into a source folder (see the layout above)."""
+
+
+def is_prepared_folder(folder: Path) -> bool:
+    """True when `folder` holds nothing but files prepare writes (a finished or interrupted build,
+    or nothing at all): the only kind of folder prepare ever replaces or removes. A user's own
+    folder that happens to have a source's name is never one (a link neither)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    return all(entry.is_file() and not entry.is_symlink() and _FOLDER_FILE.fullmatch(entry.name)
+               for entry in folder.iterdir())
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -234,7 +247,7 @@ class ShardedSource:
 def prepared_settings(spec, data_cfg, tokenizer) -> dict[str, Any]:
     """The settings that decide a prepared source's content (besides inputs and tokenizer).
     prepare reuses shards only when these match; open_prepared refuses them otherwise."""
-    template = template_spec(data_cfg.template, tokenizer)
+    template = source_template_spec(spec, data_cfg, tokenizer)
     return {
         "format": spec.format,
         "text_field": spec.text_field,
@@ -248,7 +261,9 @@ def prepared_settings(spec, data_cfg, tokenizer) -> dict[str, Any]:
 
 
 def source_folder(out_dir: str | Path, source_name: str) -> str | Path:
-    """<out_dir>/<source name>: a Path, or a URL string when out_dir is an fsspec URL."""
+    """<out_dir>/<source name>: a Path, or a URL string when out_dir is an fsspec URL. The name is
+    checked first: it must name one folder inside out_dir, never out_dir itself or its parent."""
+    check_source_name(source_name, "source name")
     if is_url(out_dir):
         return f"{str(out_dir).rstrip('/')}/{source_name}"
     return Path(out_dir) / source_name

@@ -7,18 +7,34 @@ Every field's docstring (the string literal under it) becomes the help text of t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
-FORMATS = ("auto", "alpaca", "sharegpt", "messages", "text")
+FORMATS = ("auto", "alpaca", "sharegpt", "messages", "text", "chosen")
 TRAIN_ON = ("all_assistant", "last_assistant", "everything")
-TRUNCATION = ("truncate_prompt", "drop")
+TRUNCATION = ("truncate_prompt", "whole_turns", "drop")
 ON_ERROR = ("strict", "skip")
 DEDUP = ("none", "exact")
+REASONING_TURNS = ("template", "every_turn")
 
 
 class DataConfigError(ValueError):
     """A data-side setting is invalid. The message names the config key."""
+
+
+SOURCE_NAME_PATTERN = re.compile(r"[^\W][\w.-]{0,99}")
+"""A source name is a folder name under the prepared-data folder: letters, digits, `_ . -`, at
+most 100 characters, not starting with `.` (`.`, `..` and the tool's `.tmp-*` / `.old-*` work
+folders would otherwise be reachable) nor `-`."""
+
+
+def check_source_name(name: str, key: str) -> None:
+    """Raise DataConfigError naming `key` unless `name` is safe as one path component."""
+    if not isinstance(name, str) or not SOURCE_NAME_PATTERN.fullmatch(name) or name.startswith("-"):
+        raise DataConfigError(
+            f"{key}: source name {name!r} is not allowed; use letters, digits, '_', '.' and '-' "
+            "(at most 100, not starting with '.' or '-'), since it names the source's folder")
 
 
 @dataclass
@@ -31,7 +47,8 @@ class SourceSpec:
     """File, folder, glob or fsspec URL (s3://, gs://, hf://, ...). `builtin:zh_demo` is the
     project's own generated Chinese demo set."""
     format: str = "auto"
-    """Record format: auto, alpaca, sharegpt, messages (OpenAI role/content) or text."""
+    """Record format: auto, alpaca, sharegpt, messages (OpenAI role/content), text, or chosen
+    (preference pairs or KTO-labelled records, trained on the chosen / label-true answers)."""
     proportion: Optional[float] = None
     """Mixture weight (relative; normalised over the sources that give one)."""
     repeat: Optional[float] = None
@@ -50,10 +67,14 @@ class SourceSpec:
     """Which tokens of this source's conversations train (all_assistant, last_assistant,
     everything); unset = data.train_on. Replay: SFT data mixed into a pretraining stage keeps its
     prompt masked with train_on: all_assistant while the stage's text trains on every token."""
+    template_kwargs: dict = field(default_factory=dict)
+    """Template arguments for this source, on top of data.template_kwargs (e.g. {enable_thinking:
+    false} for a non-thinking source mixed with thinking ones)."""
 
     def validate(self, key: str) -> None:
         if not self.name:
             raise DataConfigError(f"{key}.name: every source needs a name")
+        check_source_name(self.name, f"{key}.name")
         if not self.path:
             raise DataConfigError(f"{key}.path: source {self.name!r} has no path")
         if self.format not in FORMATS:
@@ -74,6 +95,8 @@ class SourceSpec:
             raise DataConfigError(f"{key}.eval_fraction: must be in [0, 1), got {self.eval_fraction}")
         if self.train_on is not None and self.train_on not in TRAIN_ON:
             raise DataConfigError(f"{key}.train_on: {self.train_on!r} is not one of {TRAIN_ON}")
+        if not isinstance(self.template_kwargs, dict):
+            raise DataConfigError(f"{key}.template_kwargs: expected a mapping, got {self.template_kwargs!r}")
         if self.eval_count is not None:
             if self.eval_count < 1:
                 raise DataConfigError(f"{key}.eval_count: must be >= 1, got {self.eval_count}")
@@ -92,16 +115,32 @@ class DataConfig:
     every eval.every_steps and at the end, each reported as eval/<name>/loss, never trained on."""
     template: str = "auto"
     """Chat template: auto (the tokenizer's own, else chatml), chatml, qwen, llama3, chatglm,
-    zh_plain (指令/回答), or a path to a Jinja file."""
+    zh_plain (指令/回答), qwen3 (thinking and non-thinking), deepseek-r1 (pre-fills <think>), or a
+    path to a Jinja file."""
+    template_kwargs: dict = field(default_factory=dict)
+    """Arguments passed to the chat template when rendering and when forming each turn's
+    generation prompt, like apply_chat_template's extra kwargs (e.g. {enable_thinking: true}; the
+    shared Qwen3-style template reads open_thinking). A source's template_kwargs update these."""
+    reasoning_turns: str = "template"
+    """Reasoning of earlier turns that the template drops (Qwen3 and DeepSeek-R1 keep only the
+    turns after the last user message): template = train reasoning only where the template keeps
+    it (matches inference; dropped ones are counted and reported); every_turn = one sample per
+    assistant turn rendered as the last, so every turn's reasoning trains (counted)."""
     train_on: str = "all_assistant"
     """Which tokens of conversations train: all_assistant, last_assistant, or everything (a
     source's own train_on overrides it; plain-text documents always train on every token)."""
     seq_len: int = 1024
     """Tokens per training sequence (the packing length, and the truncation limit)."""
     truncation: str = "truncate_prompt"
-    """Over-long samples: truncate_prompt (cut the prompt side first) or drop."""
+    """Over-long conversations lose whole exchanges, oldest first (never the system prompt or tool
+    definitions, never starting inside a message); when the last exchange alone does not fit:
+    truncate_prompt cuts the start of its user message, whole_turns drops the sample. drop: drop
+    every over-long sample. Each outcome is counted in the manifest."""
     on_error: str = "skip"
     """Bad records: strict (stop at the first, naming file/line/field) or skip (count, report)."""
+    max_skip_fraction: float = 0.5
+    """With on_error=skip: prepare fails when a source skips more than this fraction of its records
+    (a broken file or a wrong format must not pass as "a few bad records"); 1.0 never fails."""
     dedup: str = "none"
     """exact: train on the first occurrence of each sample only (same tokens and loss mask),
     dropping repeats inside each source (and eval source) before the held-out split; none: keep
@@ -141,8 +180,15 @@ class DataConfig:
                            ("dedup", DEDUP)):
             if getattr(self, k) not in allowed:
                 raise DataConfigError(f"{key}.{k}: {getattr(self, k)!r} is not one of {allowed}")
+        if not isinstance(self.template_kwargs, dict):
+            raise DataConfigError(f"{key}.template_kwargs: expected a mapping, got {self.template_kwargs!r}")
+        if self.reasoning_turns not in REASONING_TURNS:
+            raise DataConfigError(f"{key}.reasoning_turns: {self.reasoning_turns!r} is not one of {REASONING_TURNS}")
         if self.prefetch_shards < 0:
             raise DataConfigError(f"{key}.prefetch_shards: must be >= 0, got {self.prefetch_shards}")
+        fraction = self.max_skip_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+            raise DataConfigError(f"{key}.max_skip_fraction: must be in [0, 1], got {self.max_skip_fraction!r}")
         if self.seq_len < 8:
             raise DataConfigError(f"{key}.seq_len: must be >= 8, got {self.seq_len}")
 

@@ -19,9 +19,9 @@ import bisect
 import re
 from typing import Any, Callable, Optional, Sequence
 
+from data_pipeline.conversation import Conversation, Message, ToolCall
 from data_pipeline.errors import SampleRejected, TemplateError
-from data_pipeline.formats import Conversation, Message, ToolCall
-from data_pipeline.templates import ChatTemplate, Rendered
+from data_pipeline.rendering import ChatTemplate, Rendered
 
 PLACEHOLDER_BASE = 0xF0000
 """Placeholder of the k-th special token: chr(PLACEHOLDER_BASE + k) (Supplementary Private Use Area-A)."""
@@ -57,6 +57,8 @@ def _conversation_strings(conv: Conversation):
         yield conv.system
     for m in conv.messages:
         yield m.content
+        if m.reasoning is not None:
+            yield m.reasoning
         for c in m.tool_calls or ():
             yield c.name
             yield from _strings(c.arguments)
@@ -65,8 +67,9 @@ def _conversation_strings(conv: Conversation):
 
 def _conversation_map(conv: Conversation, fn: Callable[[str], str]) -> Conversation:
     def message(m: Message) -> Message:
-        calls = [ToolCall(fn(c.name), _map_strings(c.arguments, fn)) for c in m.tool_calls] if m.tool_calls else m.tool_calls
-        return Message(m.role, fn(m.content), calls)
+        calls = ([ToolCall(fn(c.name), _map_strings(c.arguments, fn)) for c in m.tool_calls] if m.tool_calls
+                 else m.tool_calls)
+        return Message(m.role, fn(m.content), calls, None if m.reasoning is None else fn(m.reasoning))
 
     return Conversation([message(m) for m in conv.messages], None if conv.system is None else fn(conv.system),
                         _map_strings(conv.tools, fn))
@@ -118,8 +121,12 @@ class SpecialTextGuard:
             k = bisect.bisect_left(marks, pos)  # placeholders strictly before pos
             return pos + (growth[k - 1] if k else 0)
 
-        spans = [(moved(s), moved(e)) for s, e in rendered.assistant_spans]
-        return Rendered("".join(pieces), spans, literal)
+        def moved_all(pairs):
+            return None if pairs is None else [(moved(a), moved(b)) for a, b in pairs]
+
+        find = rendered.find_exchanges
+        return Rendered("".join(pieces), moved_all(rendered.assistant_spans), literal, moved_all(rendered.exchanges),
+                        rendered.counts, None if find is None else (lambda: moved_all(find())))
 
 
 class GuardedTemplate:

@@ -17,25 +17,33 @@ from typing import Optional
 
 import numpy as np
 
+from data_pipeline.errors import DataError
 from data_pipeline.permutation import FeistelPermutation, derive_key
 from data_pipeline.spec import DataConfigError, SampleSource, SourceSpec
 
 HELD_OUT_PURPOSE = "held_out"
 
 
+class HeldOutError(DataConfigError, DataError):
+    """eval_count / eval_fraction hold out a whole source. A config error (it names the key), and a
+    data error too: whether it happens depends on how many samples the data kept, so it surfaces
+    where data errors are reported (prepare, the trainer's data setup)."""
+
+    reason = "held_out_too_large"
+
+
 def held_out_count(spec: SourceSpec, size: int, key: str = "data.sources") -> int:
     """How many samples of a source of `size` samples are held out (eval_count or eval_fraction)."""
     if spec.eval_count is not None:
-        k = int(spec.eval_count)
+        k, setting = int(spec.eval_count), "eval_count"
     elif spec.eval_fraction > 0:
-        k = max(1, round(spec.eval_fraction * size))  # a requested split is never silently empty
+        k, setting = max(1, round(spec.eval_fraction * size)), "eval_fraction"  # a requested split is never empty
     else:
         return 0
     if k >= size:
-        raise DataConfigError(
-            f"{key} ({spec.name!r}): holding out {k} of {size} samples leaves nothing to train on; "
-            "lower eval_fraction / eval_count"
-        )
+        raise HeldOutError(
+            f"{key}.{setting}: holding out {k} of the {size} samples of source {spec.name!r} leaves nothing to "
+            f"train on; lower {setting} (the source has {size} samples)")
     return k
 
 

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from data_pipeline.batch import MicroBatch
 from data_pipeline.collate import LoadedSample, collate_rows
 from data_pipeline.mixture import MixtureSchedule
 from data_pipeline.packing import PackedBatch, pack_global_batch
@@ -160,7 +161,7 @@ class SFTStream:
         input_ids, labels = self.sources[source].get(index)
         return LoadedSample(source, index, np.asarray(input_ids), np.asarray(labels))
 
-    def next_step(self) -> list[dict]:
+    def next_step(self) -> list[MicroBatch]:
         """This rank's grad_accum micro-batches of the next global batch; advances the stream."""
         layout = self.global_layout(self.position)
         rows_per_rank = self.global_batch_size // self.world_size

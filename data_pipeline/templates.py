@@ -1,16 +1,19 @@
 """Chat templates: Conversation -> rendered text + the character spans that train.
 
 A template renders a conversation to one string and reports, for every assistant turn, the
-character span of what the model must learn to produce: the response text (including its tool
-calls) followed by the template's end-of-turn marker. Everything else (system, user, tool
-results, role headers, the newline after the end-of-turn marker, template-inserted text such as
-an empty '<think>\\n\\n</think>\\n\\n' block) is a template/prompt token and never trains. encoding.py
-turns these spans into a per-token mask after tokenizing the whole text once.
+character span of what the model must learn to produce: by the mask rule (rendering.py), the text
+after the turn's generation prompt through the end-of-turn marker. Everything else (system, user,
+tool results, role headers, the newline after the end-of-turn marker, template text the
+generation prompt already holds) never trains. encoding.py turns these spans into a per-token
+mask after tokenizing the whole text once.
 
-Built-in templates (chatml = qwen, llama3, chatglm, zh_plain) are exact by construction: they
-are written as pieces whose positions are known. Jinja templates (the tokenizer's own, or a file)
-live in jinja_template.py, which derives the same spans from one marked and one clean rendering.
-Text from the data that spells a special token is never a special token (special_text.py).
+Built-in templates (builtin_templates.py: chatml = qwen, qwen3, deepseek-r1, llama3, chatglm,
+zh_plain) are exact by construction. Jinja templates (the tokenizer's own, or a file) live in
+jinja_template.py, which derives the same spans from renders. Text from the data that spells a
+special token is never a special token (special_text.py).
+
+Template arguments (`data.template_kwargs`, per source `template_kwargs`, e.g. enable_thinking)
+reach the Jinja render and its generation prompt exactly as apply_chat_template passes them.
 """
 
 from __future__ import annotations
@@ -19,171 +22,20 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Protocol
 
+from data_pipeline import builtin_templates
+from data_pipeline.builtin_templates import TEMPLATE_KWARGS, BuiltinTemplate
 from data_pipeline.errors import TemplateError
-from data_pipeline.formats import Conversation, Message
+from data_pipeline.jinja_template import JinjaTemplate
+from data_pipeline.reasoning import REASONING_TURNS
+from data_pipeline.rendering import ChatTemplate, Rendered, conversation_to_dicts
+from data_pipeline.special_text import GuardedTemplate, SpecialTextGuard
 
-BUILTIN_NAMES = ("chatml", "qwen", "llama3", "chatglm", "zh_plain")
+__all__ = ["BUILTIN_NAMES", "ChatTemplate", "Rendered", "TemplateSpec", "build_template", "conversation_to_dicts",
+           "source_template_spec", "template_spec"]
 
+BUILTIN_NAMES = ("chatml", "qwen", "qwen3", "deepseek-r1", "llama3", "chatglm", "zh_plain")
 
-@dataclass
-class Rendered:
-    """The text of one sample and the character spans [start, end) of each assistant response."""
-
-    text: str
-    assistant_spans: list[tuple[int, int]]
-    literal_spans: list[tuple[int, int]] = field(default_factory=list)
-    """Ranges that spell a special token but came from the data: tokenized as plain text."""
-
-
-class ChatTemplate(Protocol):
-    name: str
-
-    def render(self, conv: Conversation) -> Rendered: ...
-
-    def render_text(self, conv: Conversation) -> str:
-        """The rendered text alone (no spans)."""
-        ...
-
-
-# ----------------------------------------------------------------------------- built-in templates
-
-@dataclass(frozen=True)
-class TurnFormat:
-    """Text placed before and after a turn's content."""
-
-    before: str
-    after: str
-
-
-@dataclass(frozen=True)
-class BuiltinTemplate:
-    """A template described by fixed pieces. The assistant turn is
-    `assistant.before` + [trained: content + tool calls + end_of_turn] + `assistant.after`."""
-
-    name: str
-    prefix: str
-    system: TurnFormat
-    user: TurnFormat
-    tool: TurnFormat
-    assistant: TurnFormat
-    end_of_turn: str
-    tools_header: str
-    tool_call: str = "<tool_call>\n{}\n</tool_call>"
-
-    def _system_text(self, conv: Conversation) -> Optional[str]:
-        if not conv.tools:
-            return conv.system
-        listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in conv.tools)
-        tools_text = self.tools_header.format(listing)
-        return f"{conv.system}\n\n{tools_text}" if conv.system else tools_text
-
-    def _response(self, m: Message) -> str:
-        calls = [self.tool_call.format(c.as_json_text()) for c in (m.tool_calls or [])]
-        body = "\n".join(([m.content] if m.content else []) + calls)
-        return body + self.end_of_turn
-
-    def render(self, conv: Conversation) -> Rendered:
-        parts: list[str] = [self.prefix]
-        size = len(self.prefix)
-        spans: list[tuple[int, int]] = []
-
-        def put(text: str) -> None:
-            nonlocal size
-            parts.append(text)
-            size += len(text)
-
-        system = self._system_text(conv)
-        if system is not None:
-            put(self.system.before + system + self.system.after)
-        for m in conv.messages:
-            if m.role == "assistant":
-                put(self.assistant.before)
-                start = size
-                put(self._response(m))
-                spans.append((start, size))
-                put(self.assistant.after)
-            else:
-                fmt = self.user if m.role == "user" else self.tool
-                put(fmt.before + m.content + fmt.after)
-        return Rendered("".join(parts), spans)
-
-    def render_text(self, conv: Conversation) -> str:
-        return self.render(conv).text
-
-
-def _chatml() -> BuiltinTemplate:
-    return BuiltinTemplate(
-        name="chatml", prefix="",
-        system=TurnFormat("<|im_start|>system\n", "<|im_end|>\n"),
-        user=TurnFormat("<|im_start|>user\n", "<|im_end|>\n"),
-        tool=TurnFormat("<|im_start|>user\n<tool_response>\n", "\n</tool_response><|im_end|>\n"),
-        assistant=TurnFormat("<|im_start|>assistant\n", "\n"),
-        end_of_turn="<|im_end|>",
-        tools_header="# Tools\n\n<tools>\n{}\n</tools>",
-    )
-
-
-def _llama3() -> BuiltinTemplate:
-    def header(role: str) -> str:
-        return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
-
-    return BuiltinTemplate(
-        name="llama3", prefix="<|begin_of_text|>",
-        system=TurnFormat(header("system"), "<|eot_id|>"),
-        user=TurnFormat(header("user"), "<|eot_id|>"),
-        tool=TurnFormat(header("ipython"), "<|eot_id|>"),
-        assistant=TurnFormat(header("assistant"), ""),
-        end_of_turn="<|eot_id|>",
-        tools_header="Available functions (JSON schemas):\n{}",
-        tool_call="{}",
-    )
-
-
-def _chatglm(has_glm_prefix: bool, eos: str) -> BuiltinTemplate:
-    # GLM-4 stops generation at the next role marker; like common SFT recipes we train the
-    # tokenizer's eos as the explicit end of the answer instead.
-    return BuiltinTemplate(
-        name="chatglm", prefix="[gMASK]<sop>" if has_glm_prefix else "",
-        system=TurnFormat("<|system|>\n", ""),
-        user=TurnFormat("<|user|>\n", ""),
-        tool=TurnFormat("<|observation|>\n", ""),
-        assistant=TurnFormat("<|assistant|>\n", ""),
-        end_of_turn=eos,
-        tools_header="# 可用工具\n{}",
-    )
-
-
-def _zh_plain(eos: str) -> BuiltinTemplate:
-    # Each prompt piece ends with a newline so that a byte-level BPE pre-tokenizer never merges
-    # the last prompt character with the first response character.
-    return BuiltinTemplate(
-        name="zh_plain", prefix="",
-        system=TurnFormat("", "\n\n"),
-        user=TurnFormat("### 指令：\n", "\n\n"),
-        tool=TurnFormat("### 工具结果：\n", "\n\n"),
-        assistant=TurnFormat("### 回答：\n", "\n\n"),
-        end_of_turn=eos,
-        tools_header="### 可用工具：\n{}",
-    )
-
-
-# ----------------------------------------------------------------------------- Jinja helpers
-
-def conversation_to_dicts(conv: Conversation) -> list[dict]:
-    """OpenAI-style message dicts, as HF chat templates expect them."""
-    out: list[dict] = [{"role": "system", "content": conv.system}] if conv.system is not None else []
-    for m in conv.messages:
-        d: dict[str, Any] = {"role": m.role, "content": m.content}
-        if m.tool_calls:
-            d["tool_calls"] = [{"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                               for c in m.tool_calls]
-        out.append(d)
-    return out
-
-
-# ----------------------------------------------------------------------------- selection
 
 @dataclass(frozen=True)
 class TemplateSpec:
@@ -197,15 +49,44 @@ class TemplateSpec:
     special_texts: tuple = ()
     """Texts of the tokenizer's special tokens: in the data they are escaped (special_text.py).
     Not part of the fingerprint: the tokenizer fingerprint already covers them."""
+    kwargs: dict = field(default_factory=dict)
+    """Template arguments (enable_thinking, ...), passed to every render and generation prompt."""
+    reasoning_turns: str = "template"
+    """template | every_turn (reasoning.py)."""
 
     def fingerprint(self) -> str:
-        blob = json.dumps([self.name, self.jinja_source, self.eos_token, self.has_glm_prefix], ensure_ascii=False)
+        blob = json.dumps([self.name, self.jinja_source, self.eos_token, self.has_glm_prefix, self.kwargs,
+                           self.reasoning_turns], ensure_ascii=False, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def template_spec(name: str, tokenizer) -> TemplateSpec:
-    """Resolve DataConfig.template against a tokenizer: auto = the tokenizer's own chat_template if
-    it has one, else chatml; qwen = chatml; anything else not built in is a path to a Jinja file."""
+def _check_kwargs(name: str, kwargs: dict, key: str) -> None:
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise TemplateError(f"template_kwargs must be a mapping of names to values, got {kwargs!r}", field=key)
+    known = TEMPLATE_KWARGS.get(name, ())
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+        takes = f"takes only {list(known)}" if known else "takes no template_kwargs"
+        raise TemplateError(f"built-in template {name!r} {takes}; got {unknown}", field=key)
+    if "enable_thinking" in kwargs and not isinstance(kwargs["enable_thinking"], bool):
+        raise TemplateError(f"enable_thinking must be true or false, got {kwargs['enable_thinking']!r}", field=key)
+
+
+def _missing_markers(template: BuiltinTemplate, tokenizer) -> list[str]:
+    vocab = tokenizer.get_vocab()
+    return [m for m in template.markers if m and m not in vocab]
+
+
+def template_spec(name: str, tokenizer, kwargs: dict | None = None, reasoning_turns: str = "template",
+                  key: str = "template") -> TemplateSpec:
+    """Resolve a template name against a tokenizer: auto = the tokenizer's own chat_template if it
+    has one, else chatml; qwen = chatml; anything else not built in is a path to a Jinja file.
+    A built-in template whose markers are not tokens of this tokenizer is refused (`key` names the
+    config key in messages)."""
+    kwargs = dict(kwargs or {})
+    if reasoning_turns not in REASONING_TURNS:
+        raise TemplateError(f"reasoning_turns {reasoning_turns!r} is not one of {REASONING_TURNS}",
+                            field="reasoning_turns")
     special = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
     special_texts = tuple(sorted(t.content for t in tokenizer.added_tokens_decoder.values() if t.special))
     eos = tokenizer.eos_token or ""
@@ -214,42 +95,59 @@ def template_spec(name: str, tokenizer) -> TemplateSpec:
     if name == "auto":
         source = getattr(tokenizer, "chat_template", None)
         if isinstance(source, str) and source:
-            return TemplateSpec("tokenizer", source, special, eos, special_texts=special_texts)
+            return TemplateSpec("tokenizer", source, special, eos, special_texts=special_texts, kwargs=kwargs,
+                                reasoning_turns=reasoning_turns)
         name = "chatml"
     if name == "qwen":
         name = "chatml"
     if name in BUILTIN_NAMES:
         if name in ("chatglm", "zh_plain") and not eos:
             raise TemplateError(f"template {name!r} ends answers with the tokenizer's eos_token, and this tokenizer "
-                                "has none", field="template")
-        return TemplateSpec(name, "", special, eos, glm, special_texts)
+                                "has none", field=key)
+        _check_kwargs(name, kwargs, key.replace("template", "template_kwargs"))
+        spec = TemplateSpec(name, "", special, eos, glm, special_texts, kwargs, reasoning_turns)
+        missing = _missing_markers(_builtin(spec), tokenizer)
+        if missing:
+            raise TemplateError(f"template {name!r} writes {missing}, which this tokenizer does not have as tokens: "
+                                "they would train as plain-text pieces; choose the model's own template (auto) or "
+                                "a tokenizer of that family", field=key)
+        return spec
     path = Path(name)
     if not path.is_file():
         raise TemplateError(f"unknown template {name!r}: not one of auto, {', '.join(BUILTIN_NAMES)} and not a file",
-                            field="template")
+                            field=key)
     return TemplateSpec(f"file:{path.name}", path.read_text(encoding="utf-8"), special, eos,
-                        special_texts=special_texts)
+                        special_texts=special_texts, kwargs=kwargs, reasoning_turns=reasoning_turns)
+
+
+def source_template_spec(spec, data_cfg, tokenizer) -> TemplateSpec:
+    """The template of one source (a SourceSpec of data_cfg): data.template with data.template_kwargs,
+    updated by the source's own template_kwargs."""
+    kwargs = {**(data_cfg.template_kwargs or {}), **(spec.template_kwargs or {})}
+    return template_spec(data_cfg.template, tokenizer, kwargs, data_cfg.reasoning_turns)
 
 
 def build_template(spec: TemplateSpec) -> ChatTemplate:
     """The template of `spec`, guarded so that data never produces special tokens."""
-    from data_pipeline.special_text import GuardedTemplate, SpecialTextGuard  # both import this module
-
     template = _unguarded_template(spec)
     if not spec.special_texts:
         return template
     return GuardedTemplate(template, SpecialTextGuard(spec.special_texts), verify=bool(spec.jinja_source))
 
 
-def _unguarded_template(spec: TemplateSpec) -> ChatTemplate:
-    if spec.jinja_source:
-        from data_pipeline.jinja_template import JinjaTemplate  # imports this module: deferred
-
-        return JinjaTemplate(spec.name, spec.jinja_source, spec.special_tokens, spec.eos_token or None)
+def _builtin(spec: TemplateSpec) -> BuiltinTemplate:
     factories = {
-        "chatml": _chatml,
-        "llama3": _llama3,
-        "chatglm": lambda: _chatglm(spec.has_glm_prefix, spec.eos_token),
-        "zh_plain": lambda: _zh_plain(spec.eos_token),
+        "chatml": lambda: builtin_templates.chatml(spec.kwargs),
+        "qwen3": lambda: builtin_templates.qwen3(spec.kwargs),
+        "deepseek-r1": lambda: builtin_templates.deepseek_r1(spec.kwargs),
+        "llama3": lambda: builtin_templates.llama3(spec.kwargs),
+        "chatglm": lambda: builtin_templates.chatglm(spec.has_glm_prefix, spec.eos_token),
+        "zh_plain": lambda: builtin_templates.zh_plain(spec.eos_token),
     }
     return factories[spec.name]()
+
+
+def _unguarded_template(spec: TemplateSpec) -> ChatTemplate:
+    if spec.jinja_source:
+        return JinjaTemplate(spec.name, spec.jinja_source, spec.special_tokens, spec.eos_token or None, spec.kwargs)
+    return _builtin(spec)

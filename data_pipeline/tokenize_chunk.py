@@ -12,23 +12,43 @@ piecewise around the template's own special tokens; all others go through the ba
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
 from data_pipeline.encoding import EncodedSample, EncodeSettings, encode_conversation, encode_document
-from data_pipeline.errors import DataError, SkipExample
+from data_pipeline.errors import DataError, MalformedInputError, SampleExcluded, SkipExample
 from data_pipeline.fingerprint import sample_fingerprint
 from data_pipeline.formats import Conversation, TextDocument, parse_record
 from data_pipeline.readers import RawRecord, decode_payload
 from data_pipeline.shards import ShardWriter
 from data_pipeline.special_text import GuardedTemplate, encode_guarded, special_token_ids
+from data_pipeline.reasoning import render_samples
 from data_pipeline.templates import ChatTemplate, Rendered, TemplateSpec, build_template
 
 EXAMPLES_PER_REASON = 3
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+"""JSON may spell a lone UTF-16 surrogate ("\\ud800"): valid JSON, but no Unicode text, and the
+tokenizer cannot take it."""
+
+
+def _surrogate_field(value: Any, path: str = "") -> Optional[str]:
+    """Path of the first string (or key) inside a decoded record that holds a lone surrogate."""
+    if isinstance(value, str):
+        return (path or "<record>") if _LONE_SURROGATE.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        where = f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else str(key))
+        if isinstance(key, str) and _LONE_SURROGATE.search(key):
+            return where
+        found = _surrogate_field(item, where)
+        if found:
+            return found
+    return None
 
 
 @dataclass(frozen=True)
@@ -62,9 +82,14 @@ class ChunkResult:
     fingerprints: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
     """One per sample, in shard order (fingerprint.py)."""
     skips: Counter = field(default_factory=Counter)
+    excluded: int = 0
+    """How many of the skipped records were left out by a declared rule (SampleExcluded), not as bad."""
     examples: list[SkipExample] = field(default_factory=list)
     files: dict[str, dict] = field(default_factory=dict)
     """{file name: {size, sha256}} of the shard's files (for the manifest)."""
+    template_counts: Counter = field(default_factory=Counter)
+    """Counted outcomes of rendering and truncation of the kept samples: reasoning turns rendered
+    or dropped by the template, samples split per turn, truncations by kind."""
 
     @property
     def samples(self) -> int:
@@ -89,17 +114,32 @@ class ChunkTokenizer:
 
     def _skip(self, result: ChunkResult, err: DataError, record: RawRecord) -> None:
         if not err.file:
-            err = err.located(record.file, record.line)
-        if self.job.strict:
+            err = err.located(record.file, record.line, record.index)
+        if self.job.strict and not isinstance(err, SampleExcluded):
             raise err
         result.skips[err.reason] += 1
+        result.excluded += isinstance(err, SampleExcluded)
         if result.skips[err.reason] <= EXAMPLES_PER_REASON:
             result.examples.append(SkipExample.from_error(err))
 
-    def _parse(self, record: RawRecord) -> tuple[Union[Conversation, TextDocument], Optional[Rendered]]:
-        sample = parse_record(decode_payload(record), self.job.fmt, self.job.text_field)
-        rendered = self.template.render(sample) if isinstance(sample, Conversation) else None
-        return sample, rendered
+    def _parse(self, record: RawRecord) -> tuple[Union[Conversation, TextDocument], list[Optional[Rendered]]]:
+        """The parsed record and the samples it renders to (one, or one per assistant turn under
+        data.reasoning_turns=every_turn; [None] for a document)."""
+        payload = decode_payload(record)
+        try:
+            sample = parse_record(payload, self.job.fmt, self.job.text_field)
+            if isinstance(sample, Conversation):
+                renders: list[Optional[Rendered]] = render_samples(self.template, sample,
+                                                                   self.job.template.reasoning_turns)
+            else:
+                renders = [None]
+        except RecursionError:  # e.g. JSON text inside a field (tool calls, tools) nested thousands deep
+            raise MalformedInputError("the record is nested too deeply to parse or render", field="<record>",
+                                      reason="too_deep") from None
+        if any(_LONE_SURROGATE.search(sample.text if r is None else r.text) for r in renders):
+            raise MalformedInputError("invalid Unicode: a lone surrogate (e.g. \\ud800 in the JSON) is not text",
+                                      field=_surrogate_field(payload) or "<record>", reason="invalid_unicode")
+        return sample, renders
 
     def _encode(self, rendered: Optional[Rendered], ids, offsets) -> list[EncodedSample]:
         if rendered is None:
@@ -133,9 +173,10 @@ class ChunkTokenizer:
         pending: Optional[tuple[DataError, RawRecord]] = None
         for record in records:
             try:
-                parsed.append((record, *self._parse(record)))
+                sample, renders = self._parse(record)
+                parsed.extend((record, sample, rendered) for rendered in renders)
             except DataError as err:
-                if self.job.strict:
+                if self.job.strict and not isinstance(err, SampleExcluded):
                     pending = (err, record)  # earlier records must still be checked first
                     break
                 self._skip(result, err, record)
@@ -152,6 +193,10 @@ class ChunkTokenizer:
                 fingerprints.append(sample_fingerprint(e.input_ids, e.trained))
                 result.response_tokens += int(e.trained.sum())
                 result.truncated += int(e.truncated)
+                if e.truncation:
+                    result.template_counts[f"truncated_{e.truncation}"] += 1
+            if rendered is not None:
+                result.template_counts.update(rendered.counts)
         if pending is not None:
             self._skip(result, *pending)
         result.lengths = writer.lengths()

@@ -41,6 +41,12 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
         raise TokenizerError(f"cannot load a tokenizer from {path}: {e}") from None
     if not getattr(tok, "is_fast", False):
         raise TokenizerError(f"{path}: a fast (Rust) tokenizer is required for exact loss masks")
+    return with_pad_token(tok)
+
+
+def with_pad_token(tok):
+    """The tokenizer with a pad token (eos, else unk) when it has none: every loader applies the same
+    rule, so that prepare's command line and the trainer give the same tokenizer fingerprint."""
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok

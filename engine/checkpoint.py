@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from engine.config import ConfigError
 from engine.reshard import ResumeSource
 from engine.retention import SavedCheckpoint, best_steps, steps_to_delete
 
@@ -96,6 +97,48 @@ def find_latest(root: Path) -> Optional[Path]:
             return candidate
     done = complete_checkpoints(root)
     return done[-1] if done else None
+
+
+def resolve_resume(value: str, key: str = "checkpoint.resume") -> Path:
+    """The complete checkpoint a user-given resume path names.
+
+    Accepted: a step_NNNNNNNN directory; the `latest` or `best` pointer file this module writes
+    (or a symlink to a checkpoint), which resolves to the checkpoint it names; or the checkpoints
+    folder itself, which means its latest complete checkpoint. Anything else is a ConfigError
+    naming `key`, so a typo in the path never starts a run from scratch or ends in a traceback.
+    """
+    given = Path(value)
+    if not given.exists():
+        broken = " (a broken symbolic link)" if given.is_symlink() else ""
+        raise ConfigError(f"{key}: {value} does not exist{broken}")
+    path = given.resolve()
+    if path.is_file():  # a pointer file such as checkpoints/latest
+        tag = path.read_text(encoding="utf-8").strip()
+        target = path.parent / tag
+        if not tag or "/" in tag or not target.is_dir():
+            raise ConfigError(f"{key}: {value} is neither a checkpoint directory nor a pointer naming one "
+                              f"in {path.parent} (it reads {tag[:60]!r})")
+        path = target
+    elif not path.name.startswith(TAG_PREFIX) and ((path / LATEST).is_file() or complete_checkpoints(path)):
+        latest = find_latest(path)  # the checkpoints folder itself
+        if latest is None:
+            raise ConfigError(f"{key}: {value} holds no complete checkpoint")
+        path = latest
+    if not is_complete(path):
+        raise ConfigError(f"{key}: {path} is not a complete checkpoint (no {COMPLETE} marker: not a "
+                          "checkpoint directory, or its save was interrupted)")
+    if not (path / TRAINER_STATE).is_file():
+        raise ConfigError(f"{key}: {path} has no {TRAINER_STATE}; it was not written by this trainer")
+    return path
+
+
+def resume_checkpoint(mode: str, root: Path) -> Optional[Path]:
+    """checkpoint.resume resolved: None (none, or auto with nothing saved yet) or a checkpoint."""
+    if mode == "none":
+        return None
+    if mode == "auto":
+        return find_latest(Path(root))
+    return resolve_resume(mode)
 
 
 def rng_state() -> dict:

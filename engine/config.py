@@ -109,6 +109,13 @@ class TrainConfig:
     """Seed for model init and dropout."""
     deepspeed: str = "configs/ds/zero2.json"
     """DeepSpeed config template; its "auto" fields are filled from this config."""
+    use_deepspeed_optimizer: bool = False
+    """Train with the optimizer block of the DeepSpeed config instead of the run's AdamW. Off: a block
+    other than AdamW (whose lr, betas and weight decay come from this config) is an error, not a
+    silent swap."""
+    use_deepspeed_scheduler: bool = False
+    """Train with the scheduler block of the DeepSpeed config instead of the run's warmup + cosine.
+    Off: a scheduler block in the DeepSpeed config is an error, not a silent swap."""
     optimizer_impl: str = "auto"
     """AdamW implementation: auto (fused on GPU, torch on CPU), torch, fused, or cpu_adam."""
     loss_backend: str = "auto"

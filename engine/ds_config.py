@@ -4,6 +4,12 @@ The templates in configs/ds/ leave batch geometry, lr, clipping and precision as
 run config is the single source of truth. A value the user hard-coded is kept, but only if it agrees
 with the run config: a contradiction (say train_batch_size != micro * accumulation * world size) is
 an error naming both keys, because DeepSpeed would otherwise train with a geometry nobody asked for.
+
+The run's optimizer is AdamW (train.lr, train.betas, train.weight_decay) and its schedule is warmup +
+cosine (engine/schedule.py). A template's `optimizer` block other than that AdamW, or any
+`scheduler` block, would silently replace them, so it is refused unless the run config says to use
+it (train.use_deepspeed_optimizer / train.use_deepspeed_scheduler). Keys DeepSpeed does not know
+and values it rejects are errors too (engine/ds_schema.py).
 """
 
 from __future__ import annotations
@@ -13,9 +19,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from engine import ds_schema
 from engine.config import ConfigError, RunConfig
 
 AUTO = "auto"
+RUN_OPTIMIZER = {"type": "AdamW", "params": {"lr": AUTO, "betas": AUTO, "eps": 1e-8, "weight_decay": AUTO}}
+"""The run's own optimizer, used when the template has no optimizer block."""
+RUN_OPTIMIZER_PARAMS = frozenset({"lr", "betas", "eps", "weight_decay", "torch_adam", "adam_w_mode"})
+ADAM_TYPES = ("adam", "adamw")
 
 
 def grad_accum_steps(cfg: RunConfig, world_size: int) -> int:
@@ -68,6 +79,9 @@ def build_ds_config(cfg: RunConfig, world_size: int, *, on_cuda: bool, base_dir:
     """The DeepSpeed config dict for this run and world size, with every "auto" resolved."""
     template = cfg.train.deepspeed
     ds = copy.deepcopy(load_template(cfg, base_dir))
+    ds_schema.check_keys(ds, template)
+    _check_optimizer_block(ds, cfg, template)
+    _check_scheduler_block(ds, cfg, template)
     gas = grad_accum_steps(cfg, world_size)
     t = cfg.train
     _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, "train.micro_batch_size", template)
@@ -82,7 +96,8 @@ def build_ds_config(cfg: RunConfig, world_size: int, *, on_cuda: bool, base_dir:
         _fill(ds, "optimizer.params.lr", t.lr, "train.lr", template)
         _fill(ds, "optimizer.params.betas", list(t.betas), "train.betas", template)
         _fill(ds, "optimizer.params.weight_decay", t.weight_decay, "train.weight_decay", template)
-        _choose_optimizer_impl(ds, t.optimizer_impl, on_cuda)
+        if str(opt.get("type", "")).lower() in ADAM_TYPES:
+            _choose_optimizer_impl(ds, t.optimizer_impl, on_cuda)
     sched = ds.get("scheduler")
     if sched is not None:
         params = sched.setdefault("params", {})
@@ -111,7 +126,48 @@ def build_ds_config(cfg: RunConfig, world_size: int, *, on_cuda: bool, base_dir:
     leftover = _find_auto(ds)
     if leftover:
         raise ConfigError(f"{template}: no run-config value fills {', '.join(leftover)}; set them explicitly")
+    ds_schema.validate(ds, template, world_size)
     return ds
+
+
+def _check_optimizer_block(ds: dict, cfg: RunConfig, template: str) -> None:
+    """Keep the run's AdamW unless train.use_deepspeed_optimizer says to train with the template's."""
+    opt = ds.get("optimizer")
+    if opt is None:
+        if cfg.train.use_deepspeed_optimizer:
+            raise ConfigError(f"train.use_deepspeed_optimizer: true, but {template} has no optimizer block")
+        ds["optimizer"] = copy.deepcopy(RUN_OPTIMIZER)
+        return
+    if not isinstance(opt, dict):
+        raise ConfigError(f"{template}: optimizer must be a mapping with type and params, got {opt!r}")
+    if cfg.train.use_deepspeed_optimizer:
+        return
+    params = opt.get("params") or {}
+    foreign = sorted(set(params) - RUN_OPTIMIZER_PARAMS) if isinstance(params, dict) else ["params"]
+    if str(opt.get("type", "")).lower() != "adamw" or foreign:
+        what = f"type {opt.get('type')!r}" + (f" with params {', '.join(foreign)}" if foreign else "")
+        raise ConfigError(
+            f"{template}: its optimizer block ({what}) would replace the run's AdamW (train.lr, train.betas, "
+            "train.weight_decay); remove the block, or set train.use_deepspeed_optimizer: true to train with it"
+        )
+
+
+def _check_scheduler_block(ds: dict, cfg: RunConfig, template: str) -> None:
+    """Keep the run's warmup + cosine unless train.use_deepspeed_scheduler says otherwise."""
+    sched = ds.get("scheduler")
+    if sched is None:
+        if cfg.train.use_deepspeed_scheduler:
+            raise ConfigError(f"train.use_deepspeed_scheduler: true, but {template} has no scheduler block")
+        return
+    if not cfg.train.use_deepspeed_scheduler:
+        kind = sched.get("type") if isinstance(sched, dict) else sched
+        raise ConfigError(
+            f"{template}: its scheduler block (type {kind!r}) would replace the run's warmup + cosine schedule "
+            "(train.warmup_steps, train.min_lr_ratio); remove the block, or set "
+            "train.use_deepspeed_scheduler: true to train with it"
+        )
+    if not isinstance(sched, dict):
+        raise ConfigError(f"{template}: scheduler must be a mapping with type and params, got {sched!r}")
 
 
 def _choose_optimizer_impl(ds: dict, impl: str, on_cuda: bool) -> None:

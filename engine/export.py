@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from engine import checkpoint
 from engine.model import DTYPES
+from engine.reshard import has_zero_partitions
 
 
 def gather_state_dict(model, dtype: torch.dtype) -> dict:
@@ -75,8 +77,6 @@ def _lazy_checkpoint_tensors(ckpt: Path) -> dict:
     ZeRO-1/2/3: DeepSpeed's zero_to_fp32 merges the fp32 master partitions of every rank (lazily
     under ZeRO-3: one parameter at a time). ZeRO-0: the model-state file holds the full module.
     """
-    from engine.reshard import has_zero_partitions
-
     if has_zero_partitions(ckpt):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -97,8 +97,6 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, dtype_name: str = "
     """
     from huggingface_hub import save_torch_state_dict
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
-    from engine import checkpoint
 
     ckpt, out_dir = Path(ckpt), Path(out_dir)
     if dtype_name not in DTYPES:

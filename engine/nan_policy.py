@@ -25,6 +25,8 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+from engine.config import ConfigError
+
 POLICIES = ("stop", "skip")
 
 
@@ -42,6 +44,16 @@ def check_policy_supported(policy: str, zero_stage: int, dtype: str) -> None:
     if policy == "skip" and not skip_supported(zero_stage, dtype):
         raise ValueError("train.nan_policy=skip needs an optimizer that refuses non-finite steps: ZeRO stage >= 1 "
                          f"or model.dtype bf16/fp16 (got ZeRO-{zero_stage}, {dtype})")
+
+
+def check_nan_policy_config(policy: str, ds_config: dict, dtype: str) -> None:
+    """The start-up check on the resolved DeepSpeed config (engine/preflight.py runs it before any
+    data or model work): a ConfigError naming train.nan_policy."""
+    zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    try:
+        check_policy_supported(policy, zero_stage, dtype)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def step_was_skipped(policy: str, step: int, loss: float, optimizer_refused: bool, *, loss_scaling: bool,

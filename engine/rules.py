@@ -3,6 +3,7 @@
 - SFT lr is usually ~10% of the pretraining lr: SFT teaches format and behaviour on little data,
   and a pretraining-sized lr overwrites what the base model knows (catastrophic forgetting).
 - SFT needs few warmup steps: the model is already trained, there is no early instability to tame.
+  A model trained from scratch needs some warmup, but a few percent of the steps is enough there too.
 - Fewer epochs the more data there is: 2-3 epochs over a few thousand samples, 1 over a million;
   more epochs memorise the answers (rising eval loss) instead of generalising.
 - Across stages (engine/stages.py): continued pretraining trains on every token, SFT only on
@@ -46,10 +47,13 @@ def check_rules_of_thumb(cfg: RunConfig) -> list[str]:
             "pretraining lr); set train.pretrain_lr to have it checked against the real figure"
         )
     if cfg.warmup_steps > MAX_SFT_WARMUP_SHARE * t.max_steps:
-        warnings.append(
-            f"{cfg.warmup_steps} warmup steps are {cfg.warmup_steps / t.max_steps:.0%} of the run; SFT starts "
-            "from a trained model and needs only a few percent"
-        )
+        share = f"{cfg.warmup_steps} warmup steps are {cfg.warmup_steps / t.max_steps:.0%} of the run"
+        if cfg.model.path:
+            why = "SFT starts from a trained model and needs only a few percent"
+        else:
+            why = ("this model starts from random weights (model.path is empty); a few percent of the steps "
+                   "tame its early instability, a longer warmup only delays learning")
+        warnings.append(f"{share}; {why}")
     for i, s in enumerate(cfg.data.sources):
         if s.repeat is not None and s.repeat > MAX_SFT_REPEAT:
             warnings.append(

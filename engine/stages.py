@@ -22,6 +22,7 @@ when the run is launched again; an unfinished one resumes from its own checkpoin
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -34,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import ConfigError, RunConfig, build_config, to_dict
+from engine.state import RunSummary
 
 STAGE_COMPLETE = "STAGE_COMPLETE"
 SFT_LR_SHARE_OF_CPT = 0.1
@@ -156,14 +158,19 @@ def stage_finished(stage: Stage) -> Optional[dict]:
     return json.loads(marker.read_text(encoding="utf-8"))
 
 
-def mark_finished(stage: Stage, summary: dict) -> None:
+def mark_finished(stage: Stage, summary: RunSummary) -> None:
     """Atomically record that the stage finished (rank 0, after its export is written)."""
     marker = stage.run_dir / STAGE_COMPLETE
     tmp = marker.with_name(f".{STAGE_COMPLETE}.tmp{os.getpid()}")
-    record = {"stage": stage.name, "step": summary["step"], "final_loss": summary["final_loss"],
-              "export_dir": str(stage.export_dir)}
+    record = stage_record(stage, summary)
     tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
     os.replace(tmp, marker)
+
+
+def stage_record(stage: Stage, summary: RunSummary) -> dict:
+    """What STAGE_COMPLETE holds, and what a run of stages lists per finished stage."""
+    return {"stage": stage.name, "step": summary.step, "final_loss": summary.final_loss,
+            "export_dir": str(stage.export_dir)}
 
 
 def _release_memory() -> None:
@@ -173,22 +180,18 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_stages(cfg: RunConfig, *, is_main: bool, run_one: Callable[[RunConfig], dict],
-               say: Callable[[str], None]) -> dict:
-    """Run every stage not finished yet; the summary of the last stage run, plus all stages'."""
-    from engine.rules import check_stage_rules
-
+def run_stages(cfg: RunConfig, *, is_main: bool, run_one: Callable[[RunConfig], RunSummary],
+               say: Callable[[str], None]) -> RunSummary:
+    """Run every stage not finished yet; the summary of the last stage run, plus all stages'.
+    (The rules of thumb across stages, engine/rules.py, are checked by the caller beforehand.)"""
     stages = expand_stages(cfg)
-    if is_main:
-        for warning in check_stage_rules(stages):
-            say(f"warning: {warning}")
     done: list[dict] = []
-    summary: dict = {}
+    summary = RunSummary(step=0, final_loss=None, export_dir=None)
     for stage in stages:
         earlier = stage_finished(stage)
         if earlier is not None:
             say(f"stage {stage.index + 1}/{len(stages)} {stage.name!r}: finished earlier; skipped")
-            summary = {**earlier, "before": [], "after": []}
+            summary = RunSummary.from_record(earlier)
             done.append(earlier)
             continue
         say(f"stage {stage.index + 1}/{len(stages)} {stage.name!r} ({stage.cfg.train.kind}) in {stage.run_dir}")
@@ -196,12 +199,11 @@ def run_stages(cfg: RunConfig, *, is_main: bool, run_one: Callable[[RunConfig], 
             say(f"  default: {note}")
         summary = run_one(stage.cfg)
         _release_memory()
-        if summary["step"] < stage.cfg.train.max_steps:  # train.stop_at_step: resume this stage later
-            return {**summary, "stages": done}
+        if summary.step < stage.cfg.train.max_steps:  # train.stop_at_step: resume this stage later
+            return dataclasses.replace(summary, stages=done)
         if is_main:
             mark_finished(stage, summary)
         if dist.is_initialized():
             dist.barrier()  # no rank starts the next stage before the export and marker exist
-        done.append({"stage": stage.name, "step": summary["step"], "final_loss": summary["final_loss"],
-                     "export_dir": str(stage.export_dir)})
-    return {**summary, "export_dir": done[-1]["export_dir"] if done else None, "stages": done}
+        done.append(stage_record(stage, summary))
+    return dataclasses.replace(summary, export_dir=done[-1]["export_dir"] if done else None, stages=done)

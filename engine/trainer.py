@@ -3,127 +3,74 @@
 One optimizer step:
   1. the data stream hands this rank its micro-batches of the next global batch;
   2. one all-reduce sums the response-token count of the whole global batch (and a stop flag);
-  3. each micro-batch's loss is sum(response-token CE) / global count (engine/loss.py), so the
-     step's gradient is exactly that of the global token mean, whatever the split;
-  4. DeepSpeed's backward/step; per-source sums are all-reduced once for logging.
+  3. each micro-batch (data_pipeline/batch.MicroBatch) goes through the engine's forward:
+     CausalLMWithMaskedLoss runs the model body, then its lm_head, a FusedLMHead
+     (engine/fused_head.py), computes the per-source response-token CE sums in the fused kernel;
+     the loss handed to backward is sum / global count (engine/loss.py), so the step's gradient is
+     exactly that of the global token mean, whatever the split;
+  4. DeepSpeed's backward/step; per-source sums are all-reduced once for logging (step_totals.py).
+
+What a checkpoint holds for resume is engine/state.TrainerState; what a run returns is RunSummary.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from data_pipeline.accounting import consumed_sample_ids, source_counts
+from data_pipeline.batch import MicroBatch
 from data_pipeline.dedup import deduplicate
+from data_pipeline.eval_batches import EvalSet, eval_batches, split_training_sources
 from data_pipeline.fingerprint import eval_overlap_warnings
+from data_pipeline.labels import count_targets
 from data_pipeline.prepare import prepare_sources
 from data_pipeline.shards import open_prepared
 from data_pipeline.stream import SFTStream, StreamStateError
-from data_pipeline.tokenizer import is_complete_tokenizer_dir, load_tokenizer, train_bpe_tokenizer
-from engine import checkpoint, reshard, signals
-from engine.config import ConfigError, RunConfig, to_dict
-from engine.ds_config import build_ds_config
+from engine import checkpoint, signals
+from engine.config import RunConfig, to_dict
 from engine.export import export_hf
-from engine.loss import CausalLMWithMaskedLoss, count_targets, scaled_for_deepspeed
+from engine.loss import CausalLMWithMaskedLoss, scaled_for_deepspeed
 from engine.model import build_model, count_parameters
 from engine.consumption import SourceConsumption
-from engine.evaluate import EvalSet, evaluate, split_training_sources
+from engine.evaluate import evaluate
+from engine.finished import finished_message, finished_summary, write_summary
 from engine.monitor import Monitor, flops_per_token, matmul_parameters, memory_scalars, mfu, quiet_library_logging
-from engine.nan_policy import check_policy_supported, step_was_skipped
-from engine.rules import check_epochs, check_rules_of_thumb
-from engine.run_compat import ResumeConfigError, check_resume_config
+from engine.nan_policy import step_was_skipped
+from engine.preflight import check_before_data, check_stages_before_data
+from engine.rules import check_epochs, check_rules_of_thumb, check_stage_rules
+from engine.run_compat import ResumeConfigError
+from engine.run_setup import Ranks, barrier, is_main, prepare_resume, setup_engine, setup_tokenizer
+from engine.samples import before_after_report, generate_answers, samples_markdown
 from engine.save_schedule import SaveSchedule
-from engine.schedule import warmup_cosine
-from engine.stages import run_stages
+from engine.stages import expand_stages, run_stages
+from engine.state import RunSummary, TrainerState
+from engine.step_totals import StepTotals, all_reduce_ints, grad_norm_if_not_tracked
 
 PREEMPTED = "PREEMPTED"
-MODEL_INPUT_KEYS = ("input_ids", "labels", "attention_mask", "position_ids", "source_index")
-
-
-@dataclass
-class StepTotals:
-    """Per-source sums over the whole global batch (all ranks, all micro-batches)."""
-
-    loss_sum: list[float]
-    response_tokens: list[int]
-    samples: list[int]
-    tokens: list[int]
-
-    @classmethod
-    def all_reduced(cls, loss_sums: torch.Tensor, counts: dict[str, list[int]]) -> "StepTotals":
-        n = len(loss_sums)
-        packed = torch.cat([loss_sums.double(), torch.tensor(
-            counts["response_tokens"] + counts["samples"] + counts["tokens"], dtype=torch.float64)])
-        if dist.is_initialized():
-            dist.all_reduce(packed)  # one collective for every per-source figure
-        v = packed.tolist()
-        ints = [int(round(x)) for x in v[n:]]
-        return cls(v[:n], ints[:n], ints[n:2 * n], ints[2 * n:])
-
-    @property
-    def loss(self) -> float:
-        return sum(self.loss_sum) / max(sum(self.response_tokens), 1)
-
-    def describe(self, names: list[str]) -> str:
-        return ", ".join(f"{name}={s / max(c, 1):.4g}" for name, s, c in zip(names, self.loss_sum, self.response_tokens))
-
-
-@dataclass
-class Ranks:
-    rank: int
-    world_size: int
-    local_rank: int
 
 
 class StopRequested(Exception):
     pass
 
 
-def _is_main(r: Ranks) -> bool:
-    return r.rank == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 # ----------------------------------------------------------------------------------------------
 # setup
 
 
-def setup_tokenizer(cfg: RunConfig, run_dir: Path, ranks: Ranks):
-    """The model's tokenizer, a given directory, or (from scratch) one trained on the run's text."""
-    if cfg.tokenizer.path:
-        return load_tokenizer(cfg.tokenizer.path, trust_remote_code=cfg.model.trust_remote_code)
-    if cfg.model.path:
-        return load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    tok_dir = run_dir / "tokenizer"
-    if _is_main(ranks) and not is_complete_tokenizer_dir(tok_dir):
-        from data_pipeline.corpus import iter_texts
-
-        texts = iter_texts(cfg.data.sources, cache_dir=run_dir / "raw")
-        train_bpe_tokenizer(texts, cfg.tokenizer.vocab_size, tok_dir, cjk_char_level=cfg.tokenizer.cjk_char_level)
-    _barrier()
-    return load_tokenizer(tok_dir)
-
-
 def setup_data(cfg: RunConfig, tokenizer, run_dir: Path, ranks: Ranks):
     out_dir = Path(cfg.data.prepared_dir) if cfg.data.prepared_dir else run_dir / "data"
-    if _is_main(ranks):
+    if is_main(ranks):
         # Rank 0 tokenizes (idempotent: reused when inputs, tokenizer and settings match); the
         # others wait and then memory-map the shards. run_dir must be on storage all nodes see.
         prepare_sources(cfg.data, tokenizer, out_dir, show_progress=True)
-    _barrier()
+    barrier()
     return deduplicated(open_prepared(cfg.data, tokenizer, out_dir), cfg.data.dedup, "data.sources", ranks)
 
 
@@ -135,7 +82,7 @@ def deduplicated(sources: list, dedup: str, key: str, ranks: Ranks) -> list:
     out = []
     for i, source in enumerate(sources):
         view, dropped = deduplicate(source, f"{key}[{i}]")
-        if dropped and _is_main(ranks):
+        if dropped and is_main(ranks):
             print(f"dedup: {source.name}: {dropped} exact duplicates dropped, {len(view)} of {len(source)} "
                   "samples kept", flush=True)
         out.append(view)
@@ -148,55 +95,11 @@ def setup_eval_data(cfg: RunConfig, tokenizer, run_dir: Path, ranks: Ranks) -> l
         return []
     eval_cfg = dataclasses.replace(cfg.data, sources=cfg.data.eval_sources, eval_sources=[])
     out_dir = Path(cfg.data.prepared_dir) if cfg.data.prepared_dir else run_dir / "data"
-    if _is_main(ranks):
+    if is_main(ranks):
         prepare_sources(eval_cfg, tokenizer, out_dir, show_progress=True)
-    _barrier()
+    barrier()
     opened = deduplicated(open_prepared(eval_cfg, tokenizer, out_dir), cfg.data.dedup, "data.eval_sources", ranks)
     return [EvalSet(s.name, s) for s in opened]
-
-
-def setup_engine(cfg: RunConfig, model, ranks: Ranks, repo_root: Path,
-                 resume: Optional[reshard.ResumeSource] = None):
-    import deepspeed
-
-    on_cuda = torch.cuda.is_available()
-    ds_config = build_ds_config(cfg, ranks.world_size, on_cuda=on_cuda, base_dir=repo_root)
-    ds_config = reshard.ds_config_for(resume, ds_config)  # load_universal after a world-size change
-    params = [p for p in model.parameters() if p.requires_grad]
-    scheduler = None
-    if "scheduler" not in ds_config:  # the DeepSpeed config may bring its own; else ours
-        scheduler = functools.partial(warmup_cosine, warmup=cfg.warmup_steps, total=cfg.train.max_steps,
-                                      min_ratio=cfg.train.min_lr_ratio)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
-                                           lr_scheduler=scheduler)
-    return engine, ds_config
-
-
-# ----------------------------------------------------------------------------------------------
-# samples
-
-
-def generate_answers(engine, tokenizer, prompts: list[str], max_new_tokens: int, zero_stage: int) -> list[str]:
-    """Greedy answers to chat prompts. Every rank calls this (ZeRO-3 gathers collectively)."""
-    lm = engine.module.lm
-    was_training = lm.training
-    lm.eval()
-    answers = []
-    device = engine.device
-    for prompt in prompts:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"].to(device)
-        with torch.no_grad():
-            out = lm.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-                synced_gpus=zero_stage == 3 and dist.is_initialized() and dist.get_world_size() > 1,
-            )
-        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
-    if was_training:
-        lm.train()
-    return answers
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,18 +121,21 @@ class Trainer:
     def setup(self) -> None:
         cfg, ranks = self.cfg, self.ranks
         quiet_library_logging(ranks.rank, cfg.log.deepspeed_log_level)
-        if _is_main(ranks):
+        # Paths, the DeepSpeed config and seq_len are checked before minutes of data preparation.
+        check_before_data(cfg, ranks.world_size, on_cuda=torch.cuda.is_available(), base_dir=self.repo_root)
+        if is_main(ranks):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             for warning in check_rules_of_thumb(cfg):
                 print(f"warning: {warning}", flush=True)
-        _barrier()
+        barrier()
         self.tokenizer = setup_tokenizer(cfg, self.run_dir, ranks)
         self.start_step = 0
         resume_from = self._resume_checkpoint()
-        resume_source = None
+        resume_source, saved = None, None
         if resume_from is not None:
-            self.start_step = checkpoint.read_trainer_state(resume_from)["step"]
-            resume_source = self._prepare_resume(resume_from)
+            saved = TrainerState.read(resume_from)
+            self.start_step = saved.step
+            resume_source = prepare_resume(resume_from, cfg, ranks)
         self.monitor = Monitor(self.run_dir, rank=ranks.rank, enabled_tb=cfg.log.tensorboard,
                                total_steps=cfg.train.max_steps, start_step=self.start_step,
                                peak_tflops=cfg.log.peak_tflops, world_size=ranks.world_size)
@@ -237,7 +143,7 @@ class Trainer:
         # Held-out samples leave the training sources here, before the schedule sees them.
         sources, held_out = split_training_sources(sources, cfg.data.sources)
         self.eval_sets = held_out + setup_eval_data(cfg, self.tokenizer, self.run_dir, ranks)
-        if _is_main(ranks):
+        if is_main(ranks):
             for warning in eval_overlap_warnings(sources, [(e.name, e.source) for e in self.eval_sets]):
                 print(f"warning: {warning}", flush=True)
         model = build_model(cfg.model, self.tokenizer, seed=cfg.train.seed)
@@ -246,10 +152,6 @@ class Trainer:
                                          strategy=cfg.train.loss_strategy)
         self.engine, self.ds_config = setup_engine(cfg, wrapped, ranks, self.repo_root, resume_source)
         self.zero_stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
-        try:
-            check_policy_supported(cfg.train.nan_policy, self.zero_stage, cfg.model.dtype)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
         self.stream = SFTStream(
             sources, cfg.data.sources, seq_len=cfg.data.seq_len, global_batch_size=cfg.train.global_batch_size,
             micro_batch_size=cfg.train.micro_batch_size, rank=ranks.rank, world_size=ranks.world_size,
@@ -259,12 +161,12 @@ class Trainer:
         self.source_names = [s.name for s in cfg.data.sources]
         self.consumption = SourceConsumption.from_quotas(self.source_names, self.stream.plan.quotas)
         if resume_from is not None:
-            state = checkpoint.load(self.engine, resume_from, source=resume_source)
+            checkpoint.load(self.engine, resume_from, source=resume_source)  # weights, optimizer, lr, RNG
             try:
-                self.stream.load_state_dict(state["data"])
+                self.stream.load_state_dict(saved.data)
             except StreamStateError as e:  # e.g. train.max_steps changed the per-source quotas
                 raise ResumeConfigError(f"{resume_from}: {e}") from None
-            self.consumption.load_state_dict(state.get("consumption", {}))
+            self.consumption.load_state_dict(saved.consumption)
             self.monitor.print(f"resumed from {resume_from} at step {self.start_step}")
         hf = model.config
         self.flops_tok = flops_per_token(matmul_parameters(model), hf.num_hidden_layers, hf.hidden_size,
@@ -274,7 +176,7 @@ class Trainer:
             f"{ranks.world_size} rank(s), grad accumulation {self.stream.grad_accum}, "
             f"{sum(len(s) for s in sources)} samples in {len(sources)} source(s)"
         )
-        if _is_main(ranks):
+        if is_main(ranks):
             for warning in check_epochs(cfg.train.kind, self.source_names, [len(s) for s in sources],
                                         self.stream.plan.quotas):
                 print(f"warning: {warning}", flush=True)
@@ -284,31 +186,8 @@ class Trainer:
         self.save_schedule = SaveSchedule(cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
         self._install_signal_handlers()
 
-    def _prepare_resume(self, ckpt: Path) -> reshard.ResumeSource:
-        """Refuse an incompatible config; convert to the universal format if the world size changed."""
-        saved_config = checkpoint.read_run_config(ckpt)
-        if saved_config is not None:
-            for change in check_resume_config(saved_config, to_dict(self.cfg), checkpoint=str(ckpt)):
-                if _is_main(self.ranks):
-                    print(f"resume: config changed (allowed): {change}", flush=True)
-        source = reshard.plan_resume(ckpt, self.ranks.world_size)
-        if _is_main(self.ranks):
-            print(source.describe(), flush=True)
-            if source.universal:
-                reshard.convert_to_universal(ckpt)
-        _barrier()
-        return source
-
     def _resume_checkpoint(self) -> Optional[Path]:
-        mode = self.cfg.checkpoint.resume
-        if mode == "none":
-            return None
-        if mode == "auto":
-            return checkpoint.find_latest(self.ckpt_root)
-        path = Path(mode)
-        if not checkpoint.is_complete(path):
-            raise FileNotFoundError(f"checkpoint.resume: {path} is not a complete checkpoint")
-        return path
+        return checkpoint.resume_checkpoint(self.cfg.checkpoint.resume, self.ckpt_root)
 
     def _install_signal_handlers(self) -> None:
         # SLURM sends SIGUSR1 before the time limit, schedulers SIGTERM before preemption: finish
@@ -317,7 +196,7 @@ class Trainer:
         signals.install()
 
     # -- train ---------------------------------------------------------------------------------
-    def train(self) -> dict:
+    def train(self) -> RunSummary:
         cfg, engine, monitor = self.cfg, self.engine, self.monitor
         prompts = cfg.log.sample_prompts
         before = []
@@ -331,11 +210,10 @@ class Trainer:
             data_state = self.stream.state_dict()  # the position before this step's batch
             micro_batches = self.stream.next_step()
             # One all-reduce: the global target count, any rank's stop signal, rank 0's save clock.
-            time_due = _is_main(self.ranks) and self.save_schedule.time_due()
+            time_due = is_main(self.ranks) and self.save_schedule.time_due()
             stop_signal = signals.stop_requested() is not None
-            local = [sum(count_targets(mb["labels"]) for mb in micro_batches), int(stop_signal),
-                     int(time_due)]
-            global_count, stop, save_due = self._all_reduce_ints(local)
+            local = [sum(count_targets(mb.labels) for mb in micro_batches), int(stop_signal), int(time_due)]
+            global_count, stop, save_due = all_reduce_ints(local)
             if stop:
                 self._save(step, data_state)
                 self._mark_preempted(step)
@@ -354,12 +232,12 @@ class Trainer:
             own_grad_norm = None
             skipped_before = engine.skipped_steps
             for mb in micro_batches:
-                inputs = {k: v.to(engine.device) for k, v in mb.items() if k in MODEL_INPUT_KEYS}
-                mb_loss_sums, mb_counts = engine(**inputs)
+                # CausalLMWithMaskedLoss.forward -> FusedLMHead.forward -> the fused kernel
+                mb_loss_sums, mb_counts = engine(**mb.to(engine.device).model_inputs())
                 engine.backward(scaled_for_deepspeed(mb_loss_sums.sum(), global_count, self.ranks.world_size,
                                                      len(micro_batches)))
                 if engine.is_gradient_accumulation_boundary():
-                    own_grad_norm = _grad_norm_if_not_tracked(engine)
+                    own_grad_norm = grad_norm_if_not_tracked(engine)
                 engine.step()
                 loss_sums += mb_loss_sums.detach().double().cpu()
                 target_counts += mb_counts.detach().cpu()
@@ -380,7 +258,7 @@ class Trainer:
                 self._save(step)
             if cfg.log.sample_every and prompts and step % cfg.log.sample_every == 0:
                 answers = generate_answers(engine, self.tokenizer, prompts, cfg.log.sample_max_new_tokens, self.zero_stage)
-                monitor.log_text("samples", _samples_markdown(prompts, answers), step)
+                monitor.log_text("samples", samples_markdown(prompts, answers), step)
         monitor.end_progress()
         if step == cfg.train.max_steps and (cfg.eval.at_end or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0)):
             self._evaluate(step)
@@ -388,43 +266,45 @@ class Trainer:
         if step < cfg.train.max_steps:  # stop_at_step: this job's share is done, the run is not
             monitor.print(f"stopped at step {step} of {cfg.train.max_steps} (train.stop_at_step); "
                           "launch again to resume")
-            return {"step": step, "final_loss": last_loss, "before": before, "after": [], "export_dir": None}
+            return self._finish(RunSummary(step, last_loss, None, before=before))
         after = []
         if prompts:
             after = generate_answers(engine, self.tokenizer, prompts, cfg.log.sample_max_new_tokens, self.zero_stage)
             if before:
-                monitor.print(_before_after_report(prompts, before, after, cfg.log.sample_expected))
-            monitor.log_text("samples", _samples_markdown(prompts, after), step)
+                monitor.print(before_after_report(prompts, before, after, cfg.log.sample_expected))
+            monitor.log_text("samples", samples_markdown(prompts, after), step)
         export_dir = None
         if cfg.checkpoint.export_at_end:
             dtype = cfg.checkpoint.export_dtype if cfg.checkpoint.export_dtype != "auto" else cfg.model.dtype
             export_dir = export_hf(engine.module.lm, self.tokenizer, self.run_dir / "export", dtype)
             if export_dir is not None:
                 monitor.print(f"exported the model to {export_dir}")
-        return {"step": step, "final_loss": last_loss, "before": before, "after": after,
-                "export_dir": str(export_dir) if export_dir else None}
+        return self._finish(RunSummary(step, last_loss, str(export_dir) if export_dir else None,
+                                       before=before, after=after))
+
+    def _finish(self, summary: RunSummary) -> RunSummary:
+        """The job's summary, also left in run_dir: a later launch of the finished run prints it."""
+        summary = dataclasses.replace(summary, final_loss=summary.record()["final_loss"])  # None, never NaN
+        if is_main(self.ranks):
+            write_summary(self.run_dir, summary.record())
+        return summary
 
     def _evaluate(self, step: int) -> None:
         """Token-weighted loss of every eval set (all ranks), logged as eval/<name>/loss."""
         if not self.eval_sets:
             return
         start = time.perf_counter()
-        results = evaluate(self.engine, self.eval_sets, rank=self.ranks.rank, world_size=self.ranks.world_size,
-                           seq_len=self.cfg.data.seq_len,
-                           micro_batch_size=self.cfg.eval.micro_batch_size or self.cfg.train.micro_batch_size,
-                           pad_id=self.tokenizer.pad_token_id, mask_format=self.stream.mask_format)
+        batches = eval_batches(self.eval_sets, rank=self.ranks.rank, world_size=self.ranks.world_size,
+                               seq_len=self.cfg.data.seq_len,
+                               micro_batch_size=self.cfg.eval.micro_batch_size or self.cfg.train.micro_batch_size,
+                               pad_id=self.tokenizer.pad_token_id, mask_format=self.stream.mask_format)
+        results = evaluate(self.engine, batches)
         if "eval/loss" in results:
             self.last_eval = (step, results["eval/loss"])
         self.monitor.log_scalars(step, {**results, "perf/eval_seconds": time.perf_counter() - start})
         losses = [(e.name, results.get(f"eval/{e.name}/loss")) for e in self.eval_sets] + [("all", results.get("eval/loss"))]
         self.monitor.print(f"eval loss at step {step}: " + ", ".join(f"{n} {v:.4f}" for n, v in losses if v is not None))
         self.monitor.step_timer()  # evaluation time is not the next step's time
-
-    def _all_reduce_ints(self, values: list[int]) -> list[int]:
-        t = torch.tensor(values, dtype=torch.int64)
-        if dist.is_initialized():
-            dist.all_reduce(t)
-        return [int(v) for v in t]
 
     def _log_step(self, step: int, totals: "StepTotals", lr: float, own_grad_norm: Optional[float]) -> None:
         dt = self.monitor.step_timer()
@@ -449,16 +329,11 @@ class Trainer:
         util = mfu(tokens / dt / self.ranks.world_size, self.flops_tok, self.monitor.peak_tflops)
         if util is not None:
             scalars["perf/mfu"] = util
-        for i, name in enumerate(self.source_names):
-            scalars[f"source/{name}/samples"] = float(totals.samples[i])
-            scalars[f"source/{name}/tokens"] = float(totals.tokens[i])
-            scalars[f"source/{name}/response_tokens"] = float(totals.response_tokens[i])
-            if totals.response_tokens[i] > 0:
-                scalars[f"source/{name}/loss"] = totals.loss_sum[i] / totals.response_tokens[i]
+        scalars.update(totals.source_scalars(self.source_names))
         scalars.update(self.consumption.scalars())
         self.monitor.log_step(step, scalars)
 
-    def _log_sample_ids(self, step: int, micro_batches: list[dict]) -> None:
+    def _log_sample_ids(self, step: int, micro_batches: list[MicroBatch]) -> None:
         """Debug log: the (source, sample) ids this rank consumed, one JSON line per step."""
         folder = self.run_dir / "sample_ids"
         folder.mkdir(parents=True, exist_ok=True)
@@ -469,10 +344,10 @@ class Trainer:
 
     def _save(self, step: int, data_state: Optional[dict] = None) -> None:
         data_state = self.stream.state_dict() if data_state is None else data_state
-        state = {"step": step, "data": data_state, "world_size": self.ranks.world_size, "time": time.time(),
-                 "consumption": self.consumption.state_dict()}
+        state = TrainerState(step=step, data=data_state, world_size=self.ranks.world_size,
+                             consumption=self.consumption.state_dict())
         path = checkpoint.save(
-            self.engine, self.ckpt_root, step, state, keep_last=self.cfg.checkpoint.keep_last,
+            self.engine, self.ckpt_root, step, state.to_json(), keep_last=self.cfg.checkpoint.keep_last,
             keep_best=self.cfg.checkpoint.keep_best, metric=self._metric_at(step),
             run_config=to_dict(self.cfg), hf_model=self.engine.module.lm, tokenizer=self.tokenizer,
         )
@@ -483,7 +358,7 @@ class Trainer:
         return self.last_eval[1] if self.last_eval is not None and self.last_eval[0] == step else None
 
     def _mark_preempted(self, step: int) -> None:
-        if _is_main(self.ranks):
+        if is_main(self.ranks):
             (self.run_dir / PREEMPTED).write_text(f"{step}\n")
 
     # -- cleanup -------------------------------------------------------------------------------
@@ -493,45 +368,28 @@ class Trainer:
             monitor.close()
 
 
-def _grad_norm_if_not_tracked(engine) -> Optional[float]:
-    """DeepSpeed reports the global gradient norm only from its ZeRO/mixed-precision optimizers;
-    without them (ZeRO-0, fp32) the full reduced gradients are on every rank: compute it here."""
-    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
-        return None
-    squares = [p.grad.detach().double().pow(2).sum() for p in engine.module.parameters() if p.grad is not None]
-    return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
-
-
-def _before_after_report(prompts: list[str], before: list[str], after: list[str], expected: list[str]) -> str:
-    lines = ["", "answers before -> after training:"]
-    for i, (p, b, a) in enumerate(zip(prompts, before, after)):
-        lines.append(f"  Q: {p}")
-        if expected:
-            lines.append(f"     expected: {expected[i]!r}")
-        lines += [f"     before:   {b!r}", f"     after:    {a!r}"]
-    if expected:
-        right = [sum(x.strip() == e.strip() for x, e in zip(answers, expected)) for answers in (before, after)]
-        lines.append(f"  exact answers: {right[0]}/{len(expected)} before, {right[1]}/{len(expected)} after")
-    return "\n".join(lines)
-
-
-def _samples_markdown(prompts: list[str], answers: list[str]) -> str:
-    return "\n\n".join(f"**Q:** {p}\n\n**A:** {a}" for p, a in zip(prompts, answers))
-
-
-def run(cfg: RunConfig, ranks: Ranks, repo_root: Path) -> dict:
+def run(cfg: RunConfig, ranks: Ranks, repo_root: Path) -> RunSummary:
     """Train the run, or each of its stages in turn (engine/stages.py)."""
     if cfg.stages:
         def say(text: str) -> None:
-            if _is_main(ranks):
+            if is_main(ranks):
                 print(text, file=sys.stderr, flush=True)
 
-        return run_stages(cfg, is_main=_is_main(ranks), say=say,
+        stages = expand_stages(cfg)
+        check_stages_before_data(stages, ranks.world_size, on_cuda=torch.cuda.is_available(), base_dir=repo_root)
+        for warning in check_stage_rules(stages):
+            say(f"warning: {warning}")
+        return run_stages(cfg, is_main=is_main(ranks), say=say,
                           run_one=lambda stage_cfg: run_single(stage_cfg, ranks, repo_root))
     return run_single(cfg, ranks, repo_root)
 
 
-def run_single(cfg: RunConfig, ranks: Ranks, repo_root: Path) -> dict:
+def run_single(cfg: RunConfig, ranks: Ranks, repo_root: Path) -> RunSummary:
+    done = finished_summary(cfg)
+    if done is not None:  # launched again after its end: no resume, eval, save or export
+        if is_main(ranks):
+            print(finished_message(cfg, done), flush=True)
+        return RunSummary.from_record(done)
     trainer = Trainer(cfg, ranks, repo_root)
     try:
         trainer.setup()

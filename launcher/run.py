@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 8 launcher/run.py --config configs/sft/X.yaml
     mpirun -n 16 python launcher/run.py --config configs/sft/X.yaml              # rank discovery via mpi4py
     python launcher/slurm.py --config configs/sft/X.yaml --nodes 4 --gpus-per-node 8 --submit
-    python launcher/run.py --config configs/sft/X.yaml train.lr=1e-5 --dry-run   # print resolved configs
+    python launcher/run.py --config configs/sft/X.yaml train.lr=1e-5 --dry-run   # check inputs, print configs
     tensorboard --logdir runs/
 
 Overrides are `key.sub=value` (YAML values); `--help-config` lists every key with its meaning.
@@ -14,6 +14,7 @@ Overrides are `key.sub=value` (YAML values); `--help-config` lists every key wit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -29,12 +30,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--config", help="run config YAML")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved run and DeepSpeed configs (each stage's, for a staged run) and exit")
+                   help="check every input that needs no training (DeepSpeed config, resume checkpoint, "
+                        "sources, tokenizer, template, seq_len; each stage's), one line each on stderr, "
+                        "print the resolved run and DeepSpeed configs on stdout and exit (2 if a check failed)")
     p.add_argument("--help-config", action="store_true", help="list every config key with its documentation")
     p.add_argument("--world-size", type=int, default=None, help="with --dry-run: world size to resolve for")
     # The deepspeed launcher appends --local_rank=N; the rank itself comes from the environment.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come after the flags too
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,12 +59,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return dry_run(cfg, args.world_size)
 
+    import torch
+
     from data_pipeline.errors import DataError
+    from data_pipeline.tokenizer import TokenizerError
+    from engine.jit_ops import build_notices, comm_ops
     from engine.trainer import Ranks, StopRequested, run
     from launcher.dist_env import DistEnvError, discover, init_distributed
 
     try:
         env = discover()
+        if env.local_rank == 0:  # DeepSpeed's process group compiles its CPU all-reduce on first use
+            for notice in build_notices(comm_ops(torch.cuda.is_available())):
+                print(notice, file=sys.stderr, flush=True)
         init_distributed(env, timeout_minutes=cfg.dist_timeout_minutes, expected_world_size=cfg.world_size)
     except DistEnvError as e:
         print(f"launch error: {e}", file=sys.stderr)
@@ -74,45 +84,36 @@ def main(argv: list[str] | None = None) -> int:
             print(str(e), file=sys.stderr)
         _shutdown(clean=True)
         return 0
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, TokenizerError) as e:
         print(f"rank {env.rank}: error: {e}", file=sys.stderr)
         _shutdown(clean=False)
         return 2
     _shutdown(clean=True)
     if env.rank == 0:
-        print(json.dumps({k: summary[k] for k in ("step", "final_loss", "export_dir")}))
+        print(json.dumps(summary.record()))  # step, final_loss (null when no step ran, never NaN), export_dir
     return 0
 
 
 def dry_run(cfg, world_size: int | None) -> int:
-    import torch
-
-    from engine.config import ConfigError, to_dict
-    from engine.ds_config import build_ds_config
-
+    """Check everything that can be checked without training (one line each, on stderr), then
+    print the resolved configs as JSON on stdout; exit 2 if any check failed."""
     world = world_size or int(os.environ.get("WORLD_SIZE", cfg.world_size or 1))
-    on_cuda = torch.cuda.is_available()
-    try:
-        resolved = {"run_config": to_dict(cfg), "deepspeed_config": build_ds_config(cfg, world, on_cuda=on_cuda,
-                                                                                    base_dir=REPO_ROOT)}
-        if cfg.stages:
-            # What each stage will really run with: the base config is only the starting point.
-            from engine.rules import check_stage_rules
-            from engine.stages import expand_stages
+    # stdout carries only the JSON. DeepSpeed's logger writes to the stdout it finds when first
+    # imported, so the import (and every check) happens with stdout pointing at stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        import torch
 
-            stages = expand_stages(cfg)
-            resolved["stages"] = [
-                {"name": stage.name, "run_dir": str(stage.run_dir), "defaults_filled": list(stage.notes),
-                 "run_config": to_dict(stage.cfg),
-                 "deepspeed_config": build_ds_config(stage.cfg, world, on_cuda=on_cuda, base_dir=REPO_ROOT)}
-                for stage in stages
-            ]
-            resolved["warnings"] = check_stage_rules(stages)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        from engine.dry_run import dry_run as check_everything
+
+        checks, resolved = check_everything(cfg, world, on_cuda=torch.cuda.is_available(), base_dir=REPO_ROOT)
+    for check in checks:
+        print(check.line(), file=sys.stderr)
+    failed = [c for c in checks if c.status == "error"]
+    if failed:
+        print(f"dry run: {len(failed)} of {len(checks)} checks failed", file=sys.stderr)
         return 2
-    resolved["world_size"] = world
     print(json.dumps(resolved, indent=2, ensure_ascii=False, default=str))
+    print(f"dry run: all {len(checks)} checks passed", file=sys.stderr)
     return 0
 
 

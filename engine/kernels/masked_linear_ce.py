@@ -24,10 +24,8 @@ from typing import Callable, Optional
 
 import torch
 
-from engine.kernels.arguments import check_arguments, kept_groups_of, select_kept_rows
-from engine.kernels.backend import resolve_backend
-from engine.kernels.chunk_types import ChunkedResult, NeededGrads
-from engine.kernels.errors import KernelArgumentError
+from engine.kernels.contract import (ChunkedResult, KernelArgumentError, NeededGrads, check_arguments, kept_groups_of,
+                                     resolve_backend, select_kept_rows)
 from engine.kernels.mixed_precision_matmul import addmm_fp32_, matmul_operand, mm_fp32_into
 from engine.kernels.row_cross_entropy_torch import row_cross_entropy_torch_
 from engine.kernels.vocab_blocked_ce import default_block_columns, vocab_blocked_cross_entropy
@@ -37,10 +35,9 @@ RowCrossEntropy = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
 # Size of the per-chunk fp32 logits buffer. On CPU it is a share of the gradient buffers dW + dH
 # that any method must return, so that the extra memory stays within 1.25x of them: the buffer
 # takes at most 22% and the rest of the loop (hidden/dH chunk rows, the row-max fold block, BLAS
-# workspace) about 1-2% more; measured steady-state peak extra RSS was 1.22x the floor at N=4096,
-# d=1024, V=32000 (chunks of 232 rows). Bigger chunks are faster (4.8 s a step with 256 rows
-# against 5.9 s with 128 under load): each chunk streams W twice, read-modify-writes all of dW and
-# pays a thread wake-up per parallel op. Small shapes get at least the minimum so that they are
+# workspace) about 1-2% more (benchmarks/RESULTS.md, kernel_bench, has the measured peak). Bigger
+# chunks are faster: each chunk streams W twice, read-modify-writes all of dW and pays a thread
+# wake-up per parallel op. Small shapes get at least the minimum so that they are
 # not cut into many tiny chunks. On GPU bigger chunks mean fewer read-modify-write passes over the
 # fp32 dW; for bf16 a half-size bf16 copy of the chunk's gradient comes on top.
 CPU_LOGITS_SHARE_OF_GRADIENTS = 0.22
@@ -243,6 +240,7 @@ def masked_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
+    # -100 is data_pipeline/labels.py's IGNORE_INDEX, written out: the kernels import only torch/triton.
     ignore_index: int = -100,
     bias: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
@@ -274,7 +272,7 @@ def masked_linear_cross_entropy_by_group(
     labels: torch.Tensor,
     groups: torch.Tensor,
     num_groups: int,
-    ignore_index: int = -100,
+    ignore_index: int = -100,  # data_pipeline/labels.py's IGNORE_INDEX (see above)
     bias: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
     backend: str = "auto",

@@ -11,7 +11,7 @@ import torch
 
 # Vocabulary rows folded per torch.maximum when the logits are vocab-major (see row_max_of): the
 # [512, rows] fp32 fold block (0.5 MB at 240 rows) stays in L2 cache and adds little to the memory
-# of the chunk loop; 1000 was 0.2 ms a chunk faster, 250 0.3 ms slower.
+# of the chunk loop (the block sizes measured are in benchmarks/RESULTS.md, kernel_bench).
 MAX_FOLD_BLOCK = 512
 
 

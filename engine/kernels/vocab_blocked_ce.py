@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from engine.kernels.chunk_types import ChunkedResult, NeededGrads
+from engine.kernels.contract import ChunkedResult, NeededGrads
 from engine.kernels.mixed_precision_matmul import addmm_fp32_, matmul_operand, mm_fp32_into
 
 # Size of the fp32 logits block: on CUDA a fixed budget (each block is a [K, Vb] GEMM, large

@@ -175,7 +175,7 @@ def test_fuzz_corrupted_records(tmp_path, tiny_tokenizer, on_error):
     path = tmp_path / "fuzz.jsonl"
     path.write_bytes(b"\n".join(lines))
     cfg = DataConfig(sources=[SourceSpec(name="f", path=str(path), format="auto")], template="chatml",
-                     on_error=on_error, num_proc=1)
+                     on_error=on_error, num_proc=1, max_skip_fraction=1.0)  # mostly broken on purpose
     if on_error == "strict":
         with pytest.raises(DataError) as err:
             prepare_sources(cfg, tiny_tokenizer, tmp_path / "out", show_progress=False)
@@ -187,3 +187,105 @@ def test_fuzz_corrupted_records(tmp_path, tiny_tokenizer, on_error):
     assert counts["records"] == non_blank
     assert counts["samples"] + sum(source.manifest["skips"].values()) == non_blank
     assert 0 < counts["samples"] < non_blank
+
+
+# ----------------------------------------------------------------------------- reasoning, non-SFT records, content parts
+
+def test_reasoning_fields_are_kept_in_every_format():
+    for record, fmt in [
+        ({"messages": [{"role": "user", "content": "你好"},
+                       {"role": "assistant", "content": "你好！", "reasoning_content": "用户在打招呼。"}]}, "messages"),
+        ({"conversations": [{"from": "human", "value": "你好"},
+                            {"from": "gpt", "value": "你好！", "reasoning": "用户在打招呼。"}]}, "sharegpt"),
+        ({"instruction": "你好", "output": "你好！", "think": "用户在打招呼。"}, "alpaca"),
+        ({"instruction": "你好", "input": "", "output": "你好！", "reasoning_content": "用户在打招呼。"}, "alpaca"),
+    ]:
+        conv = parse_record(record, detect_format(record))
+        assert detect_format(record) == fmt
+        assert (conv.messages[-1].content, conv.messages[-1].reasoning) == ("你好！", "用户在打招呼。")
+
+
+def test_two_different_reasoning_fields_are_refused():
+    record = {"messages": [{"role": "user", "content": "q"},
+                           {"role": "assistant", "content": "a", "reasoning_content": "x", "thinking": "y"}]}
+    with pytest.raises(DataError) as err:
+        parse_record(record, "messages")
+    assert err.value.reason == "ambiguous_reasoning" and err.value.field.startswith("messages[1]")
+
+
+@pytest.mark.parametrize("record, reason", [
+    ({"instruction": "q", "input": "", "chosen": "好", "rejected": "坏"}, "preference_pair"),
+    ({"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "好"},
+      "rejected": {"from": "gpt", "value": "坏"}}, "preference_pair"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "label": False},
+     "kto_label"),
+])
+def test_preference_and_kto_records_say_what_they_are(record, reason):
+    for fmt in ("auto", "alpaca", "sharegpt", "messages"):
+        with pytest.raises(DataError) as err:
+            parse_record(record, detect_format(record)) if fmt == "auto" else parse_record(record, fmt)
+        assert err.value.reason == reason and "format to 'chosen'" in err.value.message
+
+
+@pytest.mark.parametrize("record", [
+    {"instruction": "问", "input": "", "chosen": "好答", "rejected": "坏答"},
+    {"prompt": "问", "chosen": "好答", "rejected": "坏答"},
+    {"conversations": [{"from": "human", "value": "问"}], "chosen": {"from": "gpt", "value": "好答"},
+     "rejected": {"from": "gpt", "value": "坏答"}},
+    {"prompt": [{"role": "user", "content": "问"}], "chosen": [{"role": "assistant", "content": "好答"}],
+     "rejected": [{"role": "assistant", "content": "坏答"}]},
+    {"chosen": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "好答"}],
+     "rejected": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "坏答"}]},
+    {"messages": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "好答"}], "label": True},
+    {"prompt": "问", "completion": "好答", "label": True},
+])
+def test_format_chosen_trains_the_chosen_answer(record):
+    conv = parse_record(record, "chosen")
+    assert [(m.role, m.content) for m in conv.messages] == [("user", "问"), ("assistant", "好答")]
+
+
+def test_format_chosen_never_trains_a_kto_label_false():
+    from data_pipeline.errors import SampleExcluded
+
+    with pytest.raises(SampleExcluded) as err:
+        parse_record({"prompt": "问", "completion": "坏答", "label": False}, "chosen")
+    assert err.value.reason == "kto_label_false"
+
+
+def test_content_parts_are_read_under_text_value_or_content():
+    parts = [{"type": "text", "value": "你"}, {"type": "text", "text": "好"}]
+    record = {"conversations": [{"from": "human", "value": parts},
+                                {"from": "gpt", "value": [{"type": "text", "content": "嗯"}]}]}
+    conv = parse_record(record, "sharegpt")
+    assert [m.content for m in conv.messages] == ["你好", "嗯"]
+    with pytest.raises(DataError) as err:
+        parse_record({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]},
+                                   {"role": "assistant", "content": "a"}]}, "messages")
+    assert err.value.reason == "non_text_content" and err.value.field == "messages[0].content[0].type"
+
+
+@pytest.mark.parametrize("record, field", [
+    ({"conversations": [{"from": "human", "valu": "问"}, {"from": "gpt", "value": "答"}]}, "conversations[0].value"),
+    ({"conversations": [{"from": "human"}, {"from": "gpt", "value": "答"}]}, "conversations[0].value"),
+    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "答"}]}, "messages[0].content"),
+    ({"conversations": [{"role": "user", "content": "问"}, {"from": "gpt", "value": "答"}]}, "conversations[0].from"),
+])
+def test_a_missing_or_misspelt_prompt_is_an_error_naming_the_files_own_key(record, field):
+    """Before, a misspelt `value` became an empty prompt, even in strict mode; ShareGPT's `from`
+    was reported as `role`."""
+    with pytest.raises(DataError) as err:
+        parse_record(record, "sharegpt" if "conversations" in record else "messages")
+    assert err.value.field == field and err.value.reason == "missing_field"
+
+
+@pytest.mark.parametrize("record, field", [
+    ({"conversations": [{"from": "human", "value": "q"},
+                        {"from": "function_call", "value": '{"name": "f", "arguments": ' + '{"a": ' * 5000 + "1"
+                         + "}" * 5000 + "}"}]}, "conversations[1].value"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+      "tools": "[" * 5000 + "]" * 5000}, "tools"),
+])
+def test_json_nested_too_deeply_inside_a_string_field_names_the_field(record, field):
+    with pytest.raises(DataError) as err:
+        parse_record(record, "sharegpt")
+    assert err.value.reason == "too_deep" and err.value.field == field

@@ -48,9 +48,9 @@ def test_too_long_sample_is_refused_with_its_position():
 
 def _shifted_ce_sum(model, batch) -> torch.Tensor:
     """Sum of next-token CE over trained tokens (labels shifted once, -100 ignored)."""
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask).logits
     return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+        logits[:, :-1].reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
     )
 
 
@@ -78,5 +78,5 @@ def test_packed_loss_equals_unpacked_loss_on_tiny_llama(attn, mask_format):
         packed_loss = _shifted_ce_sum(model, packed)
         unpacked_loss = sum(_shifted_ce_sum(model, collate_rows([row], len(row[0].input_ids), 0, mask_format)) for row in unpacked_rows)
     assert packed_loss.item() == pytest.approx(unpacked_loss.item(), rel=1e-5, abs=1e-5)
-    n_trained = int((packed["labels"] != -100).sum())
+    n_trained = int((packed.labels != -100).sum())
     assert n_trained == sum(int((load(p).labels != -100)[1:].sum()) for p in range(layout.start, layout.end))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from data_pipeline.errors import DataError
 from data_pipeline.spec import DataConfigError, SourceSpec
 from data_pipeline.split import held_out_count, held_out_indices, split_source
 from data_pipeline.stream import SFTStream
@@ -46,7 +47,7 @@ def test_training_stream_never_draws_a_held_out_sample():
     drawn = set()
     for _ in range(60):  # several epochs of source 0
         for mb in stream.next_step():
-            drawn |= {train[0].original_index(i) for row in mb["sample_ids"] for s, i in row if s == 0}
+            drawn |= {train[0].original_index(i) for row in mb.sample_ids for s, i in row if s == 0}
     assert not drawn & held
     assert drawn == set(range(120)) - held  # every kept sample trains
 
@@ -64,3 +65,14 @@ def test_bad_split_settings_name_the_key(spec, size, message):
 
 def test_tiny_fraction_holds_out_at_least_one():
     assert held_out_count(SourceSpec(name="a", path="x", eval_fraction=0.001), 50) == 1
+
+
+@pytest.mark.parametrize("spec, setting", [(SourceSpec(name="a", path="x", eval_count=12), "eval_count"),
+                                           (SourceSpec(name="a", path="x", eval_fraction=0.99), "eval_fraction")])
+def test_a_split_larger_than_the_source_names_the_key_and_the_size(spec, setting):
+    """Raised at data setup, after prepare: it must read as a data error (exit 2, no traceback)."""
+    with pytest.raises(DataError) as err:
+        held_out_count(spec, 10, "data.sources[3]")
+    assert isinstance(err.value, DataConfigError)
+    assert str(err.value).startswith(f"data.sources[3].{setting}: holding out ")
+    assert "the source has 10 samples" in str(err.value) and "'a'" in str(err.value)

@@ -27,9 +27,9 @@ def rows_of(micro_batches):
     """Per row: its sample ids and its non-padding tokens (padding length may differ per micro-batch)."""
     out = []
     for batch in micro_batches:
-        for r, ids in enumerate(batch["sample_ids"]):
-            real = batch["source_index"][r] >= 0
-            out.append((tuple(ids), batch["input_ids"][r][real].tolist(), batch["labels"][r][real].tolist()))
+        for r, ids in enumerate(batch.sample_ids):
+            real = batch.source_index[r] >= 0
+            out.append((tuple(ids), batch.input_ids[r][real].tolist(), batch.labels[r][real].tolist()))
     return out
 
 
@@ -105,14 +105,14 @@ def test_tensor_contract(packing):
     sources, specs = fake_sources([23, 57, 9])
     stream = make_stream(sources, specs, world=2, mb=2, packing=packing)
     for batch in stream.next_step():
-        ids, labels, pos, src = batch["input_ids"], batch["labels"], batch["position_ids"], batch["source_index"]
+        ids, labels, pos, src = batch.input_ids, batch.labels, batch.position_ids, batch.source_index
         assert ids.dtype == labels.dtype == pos.dtype == src.dtype == torch.int64
         assert ids.shape == labels.shape == pos.shape == src.shape
         if packing:
             assert ids.shape[1] == SEQ
-        mask = batch["attention_mask"]
+        mask = batch.attention_mask
         assert mask.shape == (ids.shape[0], 1, ids.shape[1], ids.shape[1]) and mask.dtype == torch.bool
-        for r, row_ids in enumerate(batch["sample_ids"]):
+        for r, row_ids in enumerate(batch.sample_ids):
             starts = (pos[r] == 0).nonzero().flatten().tolist()
             real = int((src[r] >= 0).sum())
             assert starts[: len(row_ids)] == [0] + starts[1 : len(row_ids)]

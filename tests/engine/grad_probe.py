@@ -62,7 +62,8 @@ def main() -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from engine.loss import CausalLMWithMaskedLoss, count_targets, scaled_for_deepspeed
+    from data_pipeline.labels import count_targets
+    from engine.loss import CausalLMWithMaskedLoss, scaled_for_deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -8,8 +8,8 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from engine.evaluate import (EvalSet, all_reduce_sums, evaluate, forwards_needed, rank_batches, rank_rows,
-                             token_weighted)
+from data_pipeline.eval_batches import EvalSet, eval_batches, forwards_needed, rank_batches, rank_rows
+from engine.evaluate import all_reduce_sums, evaluate, token_weighted
 from engine.loss import CausalLMWithMaskedLoss
 from tests.data_pipeline.fake_sources import VOCAB, FakeSource
 
@@ -88,7 +88,8 @@ def test_evaluate_equals_per_token_cross_entropy_of_unpacked_samples():
     engine = _EngineStandIn(CausalLMWithMaskedLoss(lm, num_sources=2, backend="torch"))
     engine.train()
     source = FakeSource("s", np.random.default_rng(1).integers(3, 20, 13))
-    got = evaluate(engine, [EvalSet("s", source)], rank=0, world_size=1, seq_len=48, micro_batch_size=2, pad_id=0)
+    got = evaluate(engine, eval_batches([EvalSet("s", source)], rank=0, world_size=1, seq_len=48, micro_batch_size=2,
+                                        pad_id=0))
     assert engine.module.training  # restored
     total, count = 0.0, 0
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Invariant 1 of DESIGN.md: one step's gradient is grad(sum of response-token CE) / global count,
+"""Invariant 1 of docs/ARCHITECTURE.md: one step's gradient is grad(sum of response-token CE) / global count,
 whatever the split into micro-batches, accumulation steps and ranks; and the fused loss under
 ZeRO-3 (partitioned lm_head) gives the gradients of the plain HF path."""
 
@@ -10,13 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.loss import (
-    IGNORE_INDEX,
-    CausalLMWithMaskedLoss,
-    count_targets,
-    scaled_for_deepspeed,
-    shift_labels,
-)
+from data_pipeline.labels import IGNORE_INDEX, count_targets, shift_labels
+from engine.loss import CausalLMWithMaskedLoss, scaled_for_deepspeed
 from tests.engine import grad_probe
 from tests.integration.tiny_run import REPO_ROOT, free_port, launch_env
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from engine.config import RunConfig, SourceSpec
-from engine.rules import check_epochs, check_stage_rules
+from engine.rules import check_epochs, check_rules_of_thumb, check_stage_rules
 from engine.stages import Stage
 
 
@@ -48,3 +48,13 @@ def test_sft_source_that_trains_everything_is_flagged_and_replay_source_is_not()
     cpt.cfg.data.sources = [SourceSpec(name="replay", path="y.jsonl", train_on="all_assistant")]
     warnings = check_stage_rules([cpt, sft])
     assert len(warnings) == 1 and "source 'chat' sets train_on=everything" in warnings[0]
+
+
+def test_long_warmup_warning_fits_a_from_scratch_model():
+    cfg = RunConfig()
+    cfg.train.max_steps, cfg.train.warmup_steps = 100, 30
+    (scratch,) = check_rules_of_thumb(cfg)
+    assert "30 warmup steps are 30% of the run" in scratch and "random weights" in scratch
+    assert "trained model" not in scratch
+    cfg.model.path = "/models/base"
+    assert any("SFT starts from a trained model" in w for w in check_rules_of_thumb(cfg))

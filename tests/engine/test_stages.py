@@ -10,6 +10,7 @@ import yaml
 
 from engine.config import ConfigError, load_config
 from engine.stages import STAGE_COMPLETE, deep_merge, expand_stages, run_stages
+from engine.state import RunSummary
 
 SOURCE = {"name": "zh", "path": "builtin:zh_demo?n=50", "format": "alpaca"}
 TEXT = {"name": "txt", "path": "builtin:zh_demo?n=50", "format": "text", "text_field": "output"}
@@ -75,7 +76,7 @@ def _run_recorder(calls: list, stop_at: dict | None = None):
         if step == cfg.train.max_steps:
             export.mkdir(parents=True)
             (export / "config.json").write_text("{}")
-        return {"step": step, "final_loss": 1.0, "before": [], "after": [], "export_dir": str(export)}
+        return RunSummary(step=step, final_loss=1.0, export_dir=str(export))
     return run_one
 
 
@@ -84,13 +85,13 @@ def test_run_stages_skips_finished_and_resumes_stopped(tmp_path):
     cfg = load_config(_config(tmp_path, [{"name": "a"}, {"name": "b"}, {"name": "c"}], data={"sources": [SOURCE]}))
     calls: list = []
     first = run_stages(cfg, is_main=True, run_one=_run_recorder(calls, stop_at={"b": 2}), say=lambda _: None)
-    assert [Path(c).name for c in calls] == ["a", "b"] and first["step"] == 2  # b stopped early: c waits
+    assert [Path(c).name for c in calls] == ["a", "b"] and first.step == 2  # b stopped early: c waits
     assert (tmp_path / "run" / "a" / STAGE_COMPLETE).is_file() and not (tmp_path / "run" / "b" / STAGE_COMPLETE).exists()
     calls.clear()
     said: list = []
     second = run_stages(cfg, is_main=True, run_one=_run_recorder(calls), say=said.append)
     assert [Path(c).name for c in calls] == ["b", "c"]
     assert any("'a': finished earlier; skipped" in s for s in said)
-    assert [s["stage"] for s in second["stages"]] == ["a", "b", "c"]
-    assert second["export_dir"] == str(tmp_path / "run" / "c" / "export")
+    assert [s["stage"] for s in second.stages] == ["a", "b", "c"]
+    assert second.export_dir == str(tmp_path / "run" / "c" / "export")
     assert json.loads((tmp_path / "run" / "c" / STAGE_COMPLETE).read_text())["step"] == 4

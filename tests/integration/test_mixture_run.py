@@ -20,6 +20,7 @@ def test_70_30_mixture_is_exact_per_global_batch(tmp_path: Path, shared_data: Pa
     run_dir = tmp_path / "run"
     cfg = tiny_config(
         run_dir, max_steps=5,
+        model={"from_scratch": {**tiny_config(run_dir)["model"]["from_scratch"], "max_position_embeddings": 512}},
         tokenizer={"path": str(shared_data / "tokenizer-zh-6400")},
         data={"sources": [
             {"name": "alpaca", "path": str(shared_data / "alpaca_zh_demo.json"), "format": "alpaca", "proportion": 0.7},

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from engine.kernels import KernelArgumentError, masked_linear_cross_entropy, reference_masked_linear_cross_entropy
-from engine.kernels.backend import resolve_backend
+from engine.kernels.contract import resolve_backend
 from engine.kernels.masked_linear_ce import (
     CHUNK_ROW_MULTIPLE,
     CPU_LOGITS_SHARE_OF_GRADIENTS,

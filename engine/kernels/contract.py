@@ -1,17 +1,81 @@
-"""Validation of masked_linear_cross_entropy arguments, and the kept-row selection.
+"""The contract shared by the fused cross-entropy kernels: their argument error, argument checks
+and kept-row selection, the backend choice (exact torch or Triton), and the types the two chunking
+algorithms (masked_linear_ce.py: row chunks; vocab_blocked_ce.py: vocabulary blocks) return.
 
 Each check raises KernelArgumentError naming the argument, since a wrong shape here would
 otherwise surface as an opaque matmul error deep inside a chunk loop.
+
+Backend: "auto" picks Triton for CUDA tensors when Triton imports, the torch path otherwise.
+Triton on CPU only works through its interpreter, which must be enabled (TRITON_INTERPRET=1)
+before Triton is first imported; it is meant for tests at small shapes, so "auto" never picks it.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from engine.kernels.errors import KernelArgumentError
 from engine.kernels.mixed_precision_matmul import SUPPORTED_DTYPES
+
+
+class KernelArgumentError(ValueError):
+    """An argument of masked_linear_cross_entropy is invalid; the message names the argument."""
+
+
+@dataclass
+class NeededGrads:
+    """Which inputs want a gradient."""
+
+    hidden: bool
+    weight: bool
+    bias: bool
+
+    @property
+    def any(self) -> bool:
+        return self.hidden or self.weight or self.bias
+
+
+@dataclass
+class ChunkedResult:
+    """Per kept row loss and the unscaled gradients of their sum in the inputs' dtypes (None when
+    not needed)."""
+
+    row_losses: torch.Tensor
+    grad_hidden: Optional[torch.Tensor]
+    grad_weight: Optional[torch.Tensor]
+    grad_bias: Optional[torch.Tensor]
+
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def triton_unavailable_reason(device: torch.device) -> str:
+    """Why the Triton backend cannot run on `device`, or "" when it can."""
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed"
+    if device.type == "cuda":
+        return ""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return ""
+    return f"tensors are on {device.type}; Triton needs CUDA, or TRITON_INTERPRET=1 set before import"
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """Map backend="auto"|"torch"|"triton" to the implementation that will run."""
+    if requested not in BACKENDS:
+        raise KernelArgumentError(f"backend={requested!r}: expected one of {BACKENDS}")
+    if requested == "torch":
+        return "torch"
+    reason = triton_unavailable_reason(device)
+    if requested == "triton":
+        if reason:
+            raise KernelArgumentError(f"backend='triton' cannot run: {reason}")
+        return "triton"
+    return "triton" if device.type == "cuda" and not reason else "torch"
 
 
 def check_arguments(
