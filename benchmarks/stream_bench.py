@@ -71,7 +71,7 @@ def write_source(folder: Path, samples: int, seed: int = 0) -> None:
 
 def make_stream(folder: Path, total_steps: int = 1000):
     from data_pipeline.spec import SourceSpec
-    from data_pipeline.stream import SFTStream
+    from data_pipeline.schedule.stream import SFTStream
 
     source = MmapSource(folder)
     spec = SourceSpec(name=source.name, path=str(folder))

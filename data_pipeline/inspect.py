@@ -32,10 +32,10 @@ from typing import Iterator, Optional
 import numpy as np
 
 from data_pipeline.errors import DataError
-from data_pipeline.shard_cache import is_url
-from data_pipeline.shards import (FORMAT_VERSION, MANIFEST, ShardedSource, read_manifest, read_manifest_text,
+from data_pipeline.store.shard_cache import is_url
+from data_pipeline.store.shards import (FORMAT_VERSION, MANIFEST, ShardedSource, read_manifest, read_manifest_text,
                                   tokenizer_fingerprint)
-from data_pipeline.tokenizer import is_complete_tokenizer_dir
+from data_pipeline.render.tokenizer import is_complete_tokenizer_dir
 
 TRAIN_OPEN, TRAIN_CLOSE = "[[TRAIN]]", "[[/TRAIN]]"
 ANSI_TRAIN, ANSI_RESET = "\x1b[1;32m", "\x1b[0m"

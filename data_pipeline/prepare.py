@@ -36,24 +36,24 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from data_pipeline.demo_data import materialize_builtin
-from data_pipeline.encoding import EncodeSettings
+from data_pipeline.ingest.demo_data import materialize_builtin
+from data_pipeline.render.encoding import EncodeSettings
 from data_pipeline.errors import DataError, SourceRejected
-from data_pipeline.fingerprint import duplicate_count
-from data_pipeline.formats import detect_format
-from data_pipeline.prepare_cli import build_arg_parser, load_tokenizer, parse_source_arg
-from data_pipeline.prepare_report import SourceReport, check_source, format_report, merge_result, report_from_manifest
-from data_pipeline.prepared_folders import (BUILTIN_FOLDER, check_replaceable, clean_stale_temps, temp_folder_name,
+from data_pipeline.store.fingerprint import duplicate_count
+from data_pipeline.ingest.formats import detect_format
+from data_pipeline.store.prepare_cli import build_arg_parser, load_tokenizer, parse_source_arg
+from data_pipeline.store.prepare_report import SourceReport, check_source, format_report, merge_result, report_from_manifest
+from data_pipeline.store.prepared_folders import (BUILTIN_FOLDER, check_replaceable, clean_stale_temps, temp_folder_name,
                                             without_own_output)
-from data_pipeline.readers import RawRecord, decode_payload, input_checksum, iter_records, list_files
-from data_pipeline.shard_cache import default_cache_dir, is_url
-from data_pipeline.shards import (FORMAT_VERSION, MANIFEST, ShardedSource, prepared_settings, read_manifest,
+from data_pipeline.ingest.readers import RawRecord, decode_payload, input_checksum, iter_records, list_files
+from data_pipeline.store.shard_cache import default_cache_dir, is_url
+from data_pipeline.store.shards import (FORMAT_VERSION, MANIFEST, ShardedSource, prepared_settings, read_manifest,
                                   source_folder, token_dtype, tokenizer_fingerprint, write_index, write_manifest)
 from data_pipeline.spec import DataConfig, DataConfigError, SourceSpec, check_source_name, source_train_on
-from data_pipeline.split import held_out_count
-from data_pipeline.templates import source_template_spec
-from data_pipeline.tokenize_chunk import ChunkJob, ChunkResult, ChunkTask, init_worker, run_chunk
-from data_pipeline.worker_pool import run_ordered, start_method
+from data_pipeline.selection.split import held_out_count
+from data_pipeline.render.templates import source_template_spec
+from data_pipeline.store.tokenize_chunk import ChunkJob, ChunkResult, ChunkTask, init_worker, run_chunk
+from data_pipeline.store.worker_pool import run_ordered, start_method
 
 CHUNK_RECORDS = 1024
 """Records per worker task and per shard: large enough to amortise IPC and batch tokenization,

@@ -59,7 +59,7 @@ class SourceSpec:
     """For format=text with JSON records: the field that holds the document."""
     eval_fraction: float = 0.0
     """Fraction of this source held out for evaluation (0 = none). The held-out samples are never
-    trained on; which ones depends only on the source name and size (data_pipeline/split.py)."""
+    trained on; which ones depends only on the source name and size (data_pipeline/selection/split.py)."""
     eval_count: Optional[int] = None
     """Exact number of samples held out for evaluation (instead of eval_fraction): a fixed-size
     eval set whatever the source size."""
@@ -201,7 +201,7 @@ def source_train_on(spec: SourceSpec, data_cfg: DataConfig) -> str:
 class SampleSource(Protocol):
     """What the mixture/stream side needs from one prepared (tokenized) source.
 
-    Implemented by data_pipeline.shards.ShardedSource (memory-mapped shards on disk) and by
+    Implemented by data_pipeline.store.shards.ShardedSource (memory-mapped shards on disk) and by
     small in-memory fakes in tests. Samples are addressed by a dense index 0..len-1.
     """
 

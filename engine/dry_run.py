@@ -18,14 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from data_pipeline.corpus import iter_texts
-from data_pipeline.demo_data import BUILTIN_PREFIX, materialize_builtin
+from data_pipeline.ingest.corpus import iter_texts
+from data_pipeline.ingest.demo_data import BUILTIN_PREFIX, materialize_builtin
 from data_pipeline.errors import DataError
-from data_pipeline.formats import Conversation, detect_format, parse_record
-from data_pipeline.readers import decode_payload, iter_records, list_files
+from data_pipeline.ingest.formats import Conversation, detect_format, parse_record
+from data_pipeline.ingest.readers import decode_payload, iter_records, list_files
 from data_pipeline.spec import SourceSpec
-from data_pipeline.templates import build_template, source_template_spec
-from data_pipeline.tokenizer import TokenizerError, is_complete_tokenizer_dir, load_tokenizer, train_bpe_tokenizer
+from data_pipeline.render.templates import build_template, source_template_spec
+from data_pipeline.render.tokenizer import TokenizerError, is_complete_tokenizer_dir, load_tokenizer, train_bpe_tokenizer
 from engine.checkpoint import find_latest, read_trainer_state, resolve_resume
 from engine.config import ConfigError, RunConfig, to_dict
 from engine.ds_config import build_ds_config, grad_accum_steps

@@ -9,7 +9,7 @@ instead would weight a token of a short answer more than one of a long answer, a
 would change with the world size.
 
 Which samples a rank evaluates, how they are packed, and the filler batches that keep every rank's
-number of forwards equal under ZeRO-3 are the data pipeline's (data_pipeline/eval_batches.py).
+number of forwards equal under ZeRO-3 are the data pipeline's (data_pipeline/schedule/eval_batches.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.distributed as dist
 
-from data_pipeline.batch import MicroBatch
+from data_pipeline.schedule.batch import MicroBatch
 
 
 def all_reduce_sums(loss_sums: Sequence[float], counts: Sequence[int]) -> tuple[list[float], list[int]]:

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from data_pipeline.labels import IGNORE_INDEX
+from data_pipeline.schedule.labels import IGNORE_INDEX
 from engine.kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_by_group
 
 
@@ -48,7 +48,7 @@ class FusedLMHead(torch.nn.Linear):
         h = hidden.reshape(-1, hidden.shape[-1])
         y = targets.reshape(-1)
         # The kernels keep their own default ignore_index (they import only torch/triton); the
-        # project's value, from data_pipeline/labels.py, is passed explicitly.
+        # project's value, from data_pipeline/schedule/labels.py, is passed explicitly.
         if self.num_sources == 1 or source_index is None:
             loss, n = masked_linear_cross_entropy(h, self.weight, y, ignore_index=IGNORE_INDEX, bias=self.bias,
                                                   backend=self.backend, strategy=self.strategy)

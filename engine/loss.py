@@ -9,7 +9,7 @@ So the trainer counts the step's response tokens on every rank first, all-reduce
 and each micro-batch contributes loss_sum / global_count, pre-multiplied to undo DeepSpeed's own
 1/accumulation scaling and its mean over data-parallel ranks.
 
-What labels mean, and the one shift for next-token prediction, are data_pipeline/labels.py's.
+What labels mean, and the one shift for next-token prediction, are data_pipeline/schedule/labels.py's.
 
 The loss never materialises [tokens, vocab] logits: the model body produces hidden states and the
 lm_head, a FusedLMHead (engine/fused_head.py), runs the fused masked linear cross-entropy
@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.labels import IGNORE_INDEX, shift_labels
+from data_pipeline.schedule.labels import IGNORE_INDEX, shift_labels
 from engine.fused_head import install_fused_head
 
 _UNSUPPORTED_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -83,7 +83,7 @@ class CausalLMWithMaskedLoss(torch.nn.Module):
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, source_index=None):
         """Per-source (sum of response-token CE, response-token count) of one micro-batch.
 
-        The keyword arguments are MicroBatch.model_inputs() (data_pipeline/batch.py); labels are
+        The keyword arguments are MicroBatch.model_inputs() (data_pipeline/schedule/batch.py); labels are
         unshifted and shifted here, once.
         """
         targets = shift_labels(labels)

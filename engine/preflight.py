@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-from data_pipeline.tokenizer import TokenizerError, load_tokenizer
+from data_pipeline.render.tokenizer import TokenizerError, load_tokenizer
 from engine.checkpoint import resume_checkpoint
 from engine.config import ConfigError, RunConfig
 from engine.ds_config import build_ds_config

@@ -14,7 +14,7 @@ stage loads through the universal format), data.prepared_dir / num_proc / log_sa
 
 train.max_steps is allowed here; whether the data schedule survives the change is decided by the
 data stream, whose state fingerprints the per-source quotas derived from the run length
-(data_pipeline/stream.py): a schedule that would repeat or skip samples is refused there, naming
+(data_pipeline/schedule/stream.py): a schedule that would repeat or skip samples is refused there, naming
 the changed inputs. When it is allowed, the cosine lr schedule stretches to the new max_steps.
 """
 

@@ -11,8 +11,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from data_pipeline.corpus import iter_texts
-from data_pipeline.tokenizer import is_complete_tokenizer_dir, load_tokenizer, train_bpe_tokenizer
+from data_pipeline.ingest.corpus import iter_texts
+from data_pipeline.render.tokenizer import is_complete_tokenizer_dir, load_tokenizer, train_bpe_tokenizer
 from engine import checkpoint, reshard
 from engine.config import RunConfig, to_dict
 from engine.ds_config import build_ds_config

@@ -24,15 +24,15 @@ from typing import Optional
 
 import torch
 
-from data_pipeline.accounting import consumed_sample_ids, source_counts
-from data_pipeline.batch import MicroBatch
-from data_pipeline.dedup import deduplicate
-from data_pipeline.eval_batches import EvalSet, eval_batches, split_training_sources
-from data_pipeline.fingerprint import eval_overlap_warnings
-from data_pipeline.labels import count_targets
+from data_pipeline.schedule.accounting import consumed_sample_ids, source_counts
+from data_pipeline.schedule.batch import MicroBatch
+from data_pipeline.selection.dedup import deduplicate
+from data_pipeline.schedule.eval_batches import EvalSet, eval_batches, split_training_sources
+from data_pipeline.store.fingerprint import eval_overlap_warnings
+from data_pipeline.schedule.labels import count_targets
 from data_pipeline.prepare import prepare_sources
-from data_pipeline.shards import open_prepared
-from data_pipeline.stream import SFTStream, StreamStateError
+from data_pipeline.store.shards import open_prepared
+from data_pipeline.schedule.stream import SFTStream, StreamStateError
 from engine import checkpoint, signals
 from engine.config import RunConfig, to_dict
 from engine.export import export_hf

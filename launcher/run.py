@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from data_pipeline.errors import DataError
-    from data_pipeline.tokenizer import TokenizerError
+    from data_pipeline.render.tokenizer import TokenizerError
     from engine.jit_ops import build_notices, comm_ops
     from engine.trainer import Ranks, StopRequested, run
     from launcher.dist_env import DistEnvError, discover, init_distributed

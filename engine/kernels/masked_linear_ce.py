@@ -240,7 +240,7 @@ def masked_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    # -100 is data_pipeline/labels.py's IGNORE_INDEX, written out: the kernels import only torch/triton.
+    # -100 is data_pipeline/schedule/labels.py's IGNORE_INDEX, written out: the kernels import only torch/triton.
     ignore_index: int = -100,
     bias: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
@@ -272,7 +272,7 @@ def masked_linear_cross_entropy_by_group(
     labels: torch.Tensor,
     groups: torch.Tensor,
     num_groups: int,
-    ignore_index: int = -100,  # data_pipeline/labels.py's IGNORE_INDEX (see above)
+    ignore_index: int = -100,  # data_pipeline/schedule/labels.py's IGNORE_INDEX (see above)
     bias: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
     backend: str = "auto",

@@ -20,7 +20,7 @@ from data_pipeline.inspect import (ANSI_TRAIN, TRAIN_CLOSE, TRAIN_OPEN, InspectE
 from data_pipeline.inspect import main as inspect_cli
 from data_pipeline.prepare import prepare_source
 from data_pipeline.spec import DataConfig, SourceSpec
-from data_pipeline.tokenizer import load_tokenizer
+from data_pipeline.render.tokenizer import load_tokenizer
 from tests.data_pipeline.conftest import make_tiny_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -15,7 +15,7 @@ import data_pipeline.prepare as prepare_mod
 from data_pipeline.errors import DataError, PreparedDataError
 from data_pipeline.prepare import main as prepare_cli
 from data_pipeline.prepare import parse_source_arg, prepare_source, prepare_sources
-from data_pipeline.shards import open_prepared
+from data_pipeline.store.shards import open_prepared
 from data_pipeline.spec import DataConfig, DataConfigError, SourceSpec
 from tests.data_pipeline.mask_check import assert_trained_text
 

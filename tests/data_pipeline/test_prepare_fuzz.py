@@ -15,9 +15,9 @@ import pytest
 import data_pipeline.prepare as prepare_mod
 from data_pipeline.errors import DataError
 from data_pipeline.prepare import prepare_sources
-from data_pipeline.readers import iter_records, list_files
+from data_pipeline.ingest.readers import iter_records, list_files
 from data_pipeline.spec import DataConfig, SourceSpec
-from data_pipeline.tokenize_chunk import ChunkTokenizer
+from data_pipeline.store.tokenize_chunk import ChunkTokenizer
 
 SEED = 20240601
 RECORDS_PER_FILE = 2200

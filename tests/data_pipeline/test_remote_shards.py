@@ -13,7 +13,7 @@ import pytest
 import data_pipeline.prepare as prepare_mod
 from data_pipeline.errors import PreparedDataError
 from data_pipeline.prepare import prepare_sources
-from data_pipeline.shards import open_prepared
+from data_pipeline.store.shards import open_prepared
 from data_pipeline.spec import DataConfig, SourceSpec
 
 

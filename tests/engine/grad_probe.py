@@ -4,7 +4,7 @@ save the full (unpartitioned) gradients of every parameter on rank 0.
     deepspeed --num_gpus W tests/engine/grad_probe.py --out grads.pt --zero 2 --micro 2 --accum 2
 
 The global batch is fixed by `global_batch()`; each rank takes its contiguous block of rows and
-splits it into micro-batches, like data_pipeline/stream.py.
+splits it into micro-batches, like data_pipeline/schedule/stream.py.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def main() -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from data_pipeline.labels import count_targets
+    from data_pipeline.schedule.labels import count_targets
     from engine.loss import CausalLMWithMaskedLoss, scaled_for_deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")

@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from data_pipeline.eval_batches import EvalSet, eval_batches, forwards_needed, rank_batches, rank_rows
+from data_pipeline.schedule.eval_batches import EvalSet, eval_batches, forwards_needed, rank_batches, rank_rows
 from engine.evaluate import all_reduce_sums, evaluate, token_weighted
 from engine.loss import CausalLMWithMaskedLoss
 from tests.data_pipeline.fake_sources import VOCAB, FakeSource

@@ -8,7 +8,7 @@ import inspect
 import pytest
 import torch
 
-from data_pipeline.collate import LoadedSample, collate_rows
+from data_pipeline.schedule.collate import LoadedSample, collate_rows
 from engine.fused_head import FusedLMHead
 from engine.loss import CausalLMWithMaskedLoss
 from tests.engine import grad_probe

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.labels import IGNORE_INDEX, count_targets, shift_labels
+from data_pipeline.schedule.labels import IGNORE_INDEX, count_targets, shift_labels
 from engine.loss import CausalLMWithMaskedLoss, scaled_for_deepspeed
 from tests.engine import grad_probe
 from tests.integration.tiny_run import REPO_ROOT, free_port, launch_env
