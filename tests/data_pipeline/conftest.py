@@ -38,6 +38,14 @@ def tiny_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def tokenizer_dir(tiny_tokenizer, tmp_path_factory) -> Path:
+    """The tiny tokenizer saved as a folder, for the command lines and worker processes."""
+    folder = tmp_path_factory.mktemp("tokenizer")
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "tokenizer-zh-6400" / "tokenizer.json").is_file():
         pytest.skip(f"shared test data not found at {SHARED_DATA} (expected <repo>/../shared/data)")

@@ -355,7 +355,7 @@ def _manifest(folder: Path) -> dict:
     return json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
 
 
-def test_reasoning_and_truncation_outcomes_are_counted_in_manifest_and_report(tiny_tokenizer, tmp_path, capsys):
+def test_reasoning_and_truncation_outcomes_are_counted_in_manifest_and_report(tokenizer_dir, tmp_path, capsys):
     two_turns = {"messages": [{"role": "user", "content": "一"},
                               {"role": "assistant", "content": "答一", "reasoning_content": "想一"},
                               {"role": "user", "content": "二"},
@@ -365,7 +365,7 @@ def test_reasoning_and_truncation_outcomes_are_counted_in_manifest_and_report(ti
                                  {"role": "assistant", "content": "再答"}]}
     src = write_jsonl(tmp_path / "r.jsonl", [two_turns, long_history])
     kept = tmp_path / "kept"
-    assert prepare_cli(["--source", f"r={src}:messages", "--tokenizer", _save(tiny_tokenizer, tmp_path), "--out",
+    assert prepare_cli(["--source", f"r={src}:messages", "--tokenizer", str(tokenizer_dir), "--out",
                         str(kept), "--template", "qwen3", "--seq-len", "96", "--quiet", "--num-proc", "1"]) == 0
     report = capsys.readouterr().out
     counts = _manifest(kept / "r")["rendering"]
@@ -374,20 +374,13 @@ def test_reasoning_and_truncation_outcomes_are_counted_in_manifest_and_report(ti
     assert "1 dropped by the template" in report and "data.reasoning_turns=every_turn" in report
     assert "1 lost their oldest exchanges" in report
     split = tmp_path / "split"
-    assert prepare_cli(["--source", f"r={src}:messages", "--tokenizer", _save(tiny_tokenizer, tmp_path), "--out",
+    assert prepare_cli(["--source", f"r={src}:messages", "--tokenizer", str(tokenizer_dir), "--out",
                         str(split), "--template", "qwen3", "--seq-len", "96", "--quiet", "--num-proc", "1",
                         "--reasoning-turns", "every_turn", "--template-kwargs", '{"enable_thinking": true}']) == 0
     manifest = _manifest(split / "r")
     assert manifest["rendering"]["reasoning_split_samples"] == 2 and manifest["rendering"]["reasoning_rendered"] == 2
     assert manifest["counts"]["samples"] == 3  # the two-turn record became two samples
     assert manifest["settings"]["template_fingerprint"] != _manifest(kept / "r")["settings"]["template_fingerprint"]
-
-
-def _save(tokenizer, tmp_path: Path) -> str:
-    folder = tmp_path / "tokenizer"
-    if not folder.exists():
-        tokenizer.save_pretrained(str(folder))
-    return str(folder)
 
 
 def test_a_builtin_source_is_read_from_where_prepare_writes_it(tiny_tokenizer, tmp_path):

@@ -36,13 +36,6 @@ def out_dir(tmp_path) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tiny_tokenizer, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tok")
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
-
-
 def _untouched(out_dir: Path) -> None:
     assert (out_dir / "notes.txt").read_text() == "the user's own file"
     assert sorted(p.name for p in out_dir.iterdir()) == ["notes.txt"]  # no temp folder left either

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from data_pipeline.prepare import main as prepare_cli
 
@@ -22,13 +21,6 @@ def write_records(path: Path, n: int) -> Path:
     path.write_text("\n".join(json.dumps({"instruction": f"问题{i}：你好", "output": f"回答{i} 😀"}, ensure_ascii=False)
                               for i in range(n)) + "\n", encoding="utf-8")
     return path
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tiny_tokenizer, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tokenizer")
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
 
 
 def _pool_workers(pid: int) -> list[int]:
