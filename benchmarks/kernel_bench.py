@@ -40,9 +40,9 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from data_pipeline.schedule.labels import IGNORE_INDEX  # noqa: E402
 from engine.kernels import masked_linear_cross_entropy, reference_masked_linear_cross_entropy  # noqa: E402
 
-IGNORE_INDEX = -100
 PROMPT_FRACTIONS = (0.0, 0.5, 0.8)
 SUMMARY_PROMPT_FRACTION = 0.5
 GPU_VOCAB = 151936

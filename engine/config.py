@@ -16,6 +16,7 @@ from typing import Any, Optional
 from data_pipeline.spec import DataConfig, DataConfigError, SourceSpec
 from engine.config_tree import (ConfigError, build_dataclass, dataclass_help, field_docs, parse_override, read_tree,
                                 to_dict)
+from engine.stage_plan import plan_stages
 
 
 @dataclass
@@ -235,8 +236,6 @@ class RunConfig:
         if not self.model.path and self.tokenizer.vocab_size < 300:
             raise ConfigError("tokenizer.vocab_size: a byte-level BPE needs >= 300 (256 bytes + specials)")
         if self.stages:
-            from engine.stages import expand_stages  # stages builds on this module; import late
-
             # The base is a template for its stages (it may leave data.sources to them): every
             # stage, merged, must validate instead.
             expand_stages(self)
@@ -277,6 +276,39 @@ def build_config(tree: dict) -> RunConfig:
     return cfg
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a staged run (engine/stages.py): its name, its full config, the defaults filled in."""
+
+    index: int
+    name: str
+    cfg: RunConfig
+    notes: tuple[str, ...]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run_dir)
+
+    @property
+    def export_dir(self) -> Path:
+        return self.run_dir / "export"
+
+
+def expand_stages(cfg: RunConfig) -> list[Stage]:
+    """The base config's stages as full, validated configs (a ConfigError names stages[i].key)."""
+    stages: list[Stage] = []
+    for planned in plan_stages(to_dict(cfg), cfg.stages):
+        try:
+            stage_cfg = build_config(planned.tree)
+        except ConfigError as e:
+            raise ConfigError(f"{planned.key} ({planned.name!r}): {e}") from None
+        if planned.index < len(cfg.stages) - 1 and not stage_cfg.checkpoint.export_at_end:
+            raise ConfigError(f"{planned.key}.checkpoint.export_at_end: stage {planned.name!r} must export: the "
+                              "next stage starts from its export")
+        stages.append(Stage(planned.index, planned.name, stage_cfg, planned.notes))
+    return stages
+
+
 def config_help() -> str:
     """Every run-config key with its default and documentation, one per line (--help-config)."""
     return dataclass_help(RunConfig)
@@ -284,6 +316,6 @@ def config_help() -> str:
 
 __all__ = [
     "CheckpointConfig", "ConfigError", "DataConfig", "EvalConfig", "FromScratchConfig", "LogConfig",
-    "ModelConfig", "RunConfig", "SourceSpec", "TokenizerConfig", "TrainConfig",
-    "build_config", "config_help", "field_docs", "load_config", "parse_override", "to_dict",
+    "ModelConfig", "RunConfig", "SourceSpec", "Stage", "TokenizerConfig", "TrainConfig",
+    "build_config", "expand_stages", "config_help", "field_docs", "load_config", "parse_override", "to_dict",
 ]

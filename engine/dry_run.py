@@ -26,13 +26,12 @@ from data_pipeline.ingest.readers import decode_payload, iter_records, list_file
 from data_pipeline.spec import SourceSpec
 from data_pipeline.render.templates import build_template, source_template_spec
 from data_pipeline.render.tokenizer import TokenizerError, is_complete_tokenizer_dir, load_tokenizer, train_bpe_tokenizer
-from engine.checkpoint import find_latest, read_trainer_state, resolve_resume
-from engine.config import ConfigError, RunConfig, to_dict
+from engine.checkpointing.checkpoint import find_latest, read_trainer_state, resolve_resume
+from engine.config import ConfigError, RunConfig, expand_stages, to_dict
 from engine.ds_config import build_ds_config, grad_accum_steps
 from engine.nan_policy import check_nan_policy_config
 from engine.preflight import check_model_dir, check_seq_len, load_run_tokenizer
 from engine.rules import check_stage_rules
-from engine.stages import expand_stages
 
 SAMPLE_RECORDS = 8
 """Records read from each source: enough to catch a wrong format or path, quick on any file."""

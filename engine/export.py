@@ -7,7 +7,7 @@ Offline, from a checkpoint of any ZeRO stage (no GPU, no process group):
 
     python -m engine.export --checkpoint <run_dir>/checkpoints/step_00000100 [--out DIR] [--dtype bf16]
 
-The checkpoint holds the model config, generation config and tokenizer (engine/checkpoint.py), so
+The checkpoint holds the model config, generation config and tokenizer (engine/checkpointing/checkpoint.py), so
 the export needs nothing else.
 """
 
@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from engine import checkpoint
+from engine.checkpointing import checkpoint
 from engine.model import DTYPES
-from engine.reshard import has_zero_partitions
+from engine.checkpointing.reshard import has_zero_partitions
 
 
 def gather_state_dict(model, dtype: torch.dtype) -> dict:
@@ -90,7 +90,7 @@ def _lazy_checkpoint_tensors(ckpt: Path) -> dict:
 
 
 def export_checkpoint(ckpt: str | Path, out_dir: str | Path, dtype_name: str = "fp32") -> Path:
-    """Write a HF model directory from a saved checkpoint (engine/checkpoint.py layout).
+    """Write a HF model directory from a saved checkpoint (engine/checkpointing/checkpoint.py layout).
 
     Tensors are merged and cast to the export dtype one at a time, so peak memory is the exported
     model plus one fp32 parameter (under ZeRO-1/2 DeepSpeed merges each fp32 group at once).

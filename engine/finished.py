@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from engine.checkpoint import read_trainer_state, resume_checkpoint
+from engine.checkpointing.checkpoint import read_trainer_state, resume_checkpoint
 from engine.config import RunConfig
 
 SUMMARY = "summary.json"

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from data_pipeline.render.tokenizer import TokenizerError, load_tokenizer
-from engine.checkpoint import resume_checkpoint
+from engine.checkpointing.checkpoint import resume_checkpoint
 from engine.config import ConfigError, RunConfig
 from engine.ds_config import build_ds_config
 from engine.nan_policy import check_nan_policy_config
-from engine.stages import Stage
+from engine.config import Stage
 
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 """Where HF model configs keep the longest sequence the model is built for, by model family."""

@@ -14,12 +14,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
-from engine.config import RunConfig
-
-if TYPE_CHECKING:
-    from engine.stages import Stage
+from engine.config import RunConfig, Stage
 
 PRETRAINED_SFT_LR_CEILING = 1e-4
 MAX_SFT_WARMUP_SHARE = 0.1

@@ -13,12 +13,12 @@ import torch.distributed as dist
 
 from data_pipeline.ingest.corpus import iter_texts
 from data_pipeline.render.tokenizer import is_complete_tokenizer_dir, load_tokenizer, train_bpe_tokenizer
-from engine import checkpoint, reshard
+from engine.checkpointing import checkpoint, reshard
 from engine.config import RunConfig, to_dict
 from engine.ds_config import build_ds_config
 from engine.jit_ops import build_notices, optimizer_ops
 from engine.preflight import load_run_tokenizer
-from engine.run_compat import check_resume_config
+from engine.checkpointing.run_compat import check_resume_config
 from engine.schedule import warmup_cosine
 
 

@@ -1,7 +1,7 @@
 """The two records a run leaves behind: TrainerState (what resume reads) and RunSummary (what a run
 returns, and what summary.json and the launcher's last stdout line hold).
 
-TrainerState is trainer_state.json in each checkpoint (engine/checkpoint.py writes it and adds
+TrainerState is trainer_state.json in each checkpoint (engine/checkpointing/checkpoint.py writes it and adds
 the eval `metric`). The rest of what resume restores lives beside it, in files of its own: the
 weights, optimizer moments and lr schedule in DeepSpeed's files, each rank's RNG states in
 rng_rank{r}.pt. The data position is `data` (SFTStream.state_dict: the schedule position of the
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from engine.checkpoint import read_trainer_state
+from engine.checkpointing.checkpoint import read_trainer_state
 from engine.finished import SUMMARY_KEYS, finite_or_none
 
 
@@ -28,7 +28,7 @@ class TrainerState:
     data: dict[str, Any]
     world_size: int
     consumption: dict[str, Any] = field(default_factory=dict)
-    """engine/consumption.py: cumulative per-source counters (empty in older checkpoints)."""
+    """engine/checkpointing/consumption.py: cumulative per-source counters (empty in older checkpoints)."""
     time: float = field(default_factory=time.time)
     metric: Optional[float] = None
     """The eval loss at this step, if one was computed (checkpoint.keep_best ranks by it)."""

@@ -33,23 +33,24 @@ from data_pipeline.schedule.labels import count_targets
 from data_pipeline.prepare import prepare_sources
 from data_pipeline.store.shards import open_prepared
 from data_pipeline.schedule.stream import SFTStream, StreamStateError
-from engine import checkpoint, signals
-from engine.config import RunConfig, to_dict
+from engine import signals
+from engine.checkpointing import checkpoint
+from engine.config import RunConfig, expand_stages, to_dict
 from engine.export import export_hf
 from engine.loss import CausalLMWithMaskedLoss, scaled_for_deepspeed
 from engine.model import build_model, count_parameters
-from engine.consumption import SourceConsumption
+from engine.checkpointing.consumption import SourceConsumption
 from engine.evaluate import evaluate
 from engine.finished import finished_message, finished_summary, write_summary
 from engine.monitor import Monitor, flops_per_token, matmul_parameters, memory_scalars, mfu, quiet_library_logging
 from engine.nan_policy import step_was_skipped
 from engine.preflight import check_before_data, check_stages_before_data
 from engine.rules import check_epochs, check_rules_of_thumb, check_stage_rules
-from engine.run_compat import ResumeConfigError
+from engine.checkpointing.run_compat import ResumeConfigError
 from engine.run_setup import Ranks, barrier, is_main, prepare_resume, setup_engine, setup_tokenizer
 from engine.samples import before_after_report, generate_answers, samples_markdown
-from engine.save_schedule import SaveSchedule
-from engine.stages import expand_stages, run_stages
+from engine.checkpointing.save_schedule import SaveSchedule
+from engine.stages import run_stages
 from engine.state import RunSummary, TrainerState
 from engine.step_totals import StepTotals, all_reduce_ints, grad_norm_if_not_tracked
 

@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline.render.tokenizer import TokenizerError
     from engine.jit_ops import build_notices, comm_ops
     from engine.trainer import Ranks, StopRequested, run
-    from launcher.dist_env import DistEnvError, discover, init_distributed
+    from launcher.dist_env import DistEnvError, discover
+    from launcher.process_group import init_distributed
 
     try:
         env = discover()

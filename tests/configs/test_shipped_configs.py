@@ -9,7 +9,7 @@ import pytest
 
 from engine.config import load_config
 from engine.ds_config import build_ds_config
-from engine.stages import expand_stages
+from engine.config import expand_stages
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_CONFIGS = sorted((REPO_ROOT / "configs").rglob("*.yaml"))

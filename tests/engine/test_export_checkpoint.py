@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import checkpoint
+from engine.checkpointing import checkpoint
 from engine.export import main as export_main
 from tests.integration.lifecycle import MAX_STEPS, reference_run
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.checkpoint import COMPLETE, LATEST, TRAINER_STATE, tag_for
+from engine.checkpointing.checkpoint import COMPLETE, LATEST, TRAINER_STATE, tag_for
 from engine.config import load_config
 from engine.finished import SUMMARY, finished_summary, write_summary
 from engine.trainer import Ranks, run_single

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.consumption import SourceConsumption
+from engine.checkpointing.consumption import SourceConsumption
 from engine.monitor import Monitor, flatten_for_hparams, flops_per_token, matmul_parameters, mfu
 
 H, I, L, V, KV_HEADS, HEADS = 64, 160, 3, 500, 2, 4

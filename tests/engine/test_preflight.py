@@ -10,7 +10,7 @@ import pytest
 from engine.config import ConfigError, load_config
 from engine.preflight import check_before_data, check_seq_len, check_stages_before_data, load_run_tokenizer, \
     model_max_positions
-from engine.stages import expand_stages
+from engine.config import expand_stages
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO = REPO_ROOT / "configs" / "sft" / "demo.yaml"

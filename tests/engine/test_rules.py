@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from engine.config import RunConfig, SourceSpec
 from engine.rules import check_epochs, check_rules_of_thumb, check_stage_rules
-from engine.stages import Stage
+from engine.config import Stage
 
 
 def _stage(name: str, kind: str, lr: float, train_on: str) -> Stage:

@@ -9,7 +9,9 @@ import pytest
 import yaml
 
 from engine.config import ConfigError, load_config
-from engine.stages import STAGE_COMPLETE, deep_merge, expand_stages, run_stages
+from engine.config import expand_stages
+from engine.stage_plan import deep_merge
+from engine.stages import STAGE_COMPLETE, run_stages
 from engine.state import RunSummary
 
 SOURCE = {"name": "zh", "path": "builtin:zh_demo?n=50", "format": "alpaca"}

@@ -175,7 +175,7 @@ def reference_run(base: Path) -> Path:
 
 
 def read_ckpt_step(run_dir: Path) -> Optional[int]:
-    from engine import checkpoint
+    from engine.checkpointing import checkpoint
 
     latest = checkpoint.find_latest(Path(run_dir) / "checkpoints")
     return None if latest is None else checkpoint.step_of(latest)

@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from engine import checkpoint
+from engine.checkpointing import checkpoint
 from tests.integration.lifecycle import (LOSS_RTOL, MAX_STEPS, global_sample_ids, lifecycle_config, logged_steps,
                                          losses_by_step, read_ckpt_step, reference_run, run, start, wait_until,
                                          write_config)

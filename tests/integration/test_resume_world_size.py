@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine import checkpoint, reshard
+from engine.checkpointing import checkpoint, reshard
 from tests.integration.lifecycle import (LOSS_RTOL, MAX_STEPS, global_sample_ids, lifecycle_config, losses_by_step,
                                          reference_run, run, write_config)
 

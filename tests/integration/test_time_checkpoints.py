@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine import checkpoint
+from engine.checkpointing import checkpoint
 from tests.integration.tiny_run import explain, launch_deepspeed, read_metrics, tiny_config, write_config
 
 pytestmark = [pytest.mark.distributed]

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from engine import checkpoint
+from engine.checkpointing import checkpoint
 from tests.integration.tiny_run import explain, launch_deepspeed, read_metrics, tiny_config, write_config
 
 pytestmark = [pytest.mark.distributed]

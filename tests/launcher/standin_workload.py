@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import yaml  # noqa: E402
 
-from launcher.dist_env import discover, init_distributed  # noqa: E402
+from launcher.dist_env import discover  # noqa: E402
+from launcher.process_group import init_distributed  # noqa: E402
 
 CHECKPOINT = "checkpoint.json"
 PREEMPT_MARKER = "PREEMPTED"

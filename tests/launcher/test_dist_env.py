@@ -6,16 +6,8 @@ import socket
 
 import pytest
 
-from launcher.dist_env import (
-    DistEnvError,
-    check_expected_world_size,
-    check_port_free,
-    detect_launcher,
-    discover,
-    expand_nodelist_python,
-    init_distributed,
-    slurm_port_for_job,
-)
+from launcher.dist_env import DistEnvError, detect_launcher, discover, expand_nodelist_python, slurm_port_for_job
+from launcher.process_group import check_expected_world_size, check_port_free, init_distributed
 
 # What each launcher exports for the second process of a 2-node x 2-process job (rank 3 of 4),
 # copied from the launchers' own code (deepspeed/launcher/launch.py, torch.distributed.run,

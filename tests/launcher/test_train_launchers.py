@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import checkpoint
+from engine.checkpointing import checkpoint
 from launcher.dist_env import find_free_port
 from tests.integration.tiny_run import RUN_PY, read_metrics, tiny_config, write_config
 from tests.launcher.workers import describe, remove_shm_buffers, run_together

@@ -11,9 +11,9 @@ from typing import Optional
 
 import torch
 
+from data_pipeline.schedule.labels import IGNORE_INDEX
 from engine.kernels import masked_linear_cross_entropy, reference_masked_linear_cross_entropy
 
-IGNORE_INDEX = -100
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
 # Any grad_output must scale the gradients: 1.0 would hide a missing multiplication.
 GRAD_SCALE = 0.37

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.checkpoint import COMPLETE, LATEST, TRAINER_STATE, resolve_resume, tag_for
+from engine.checkpointing.checkpoint import COMPLETE, LATEST, TRAINER_STATE, resolve_resume, tag_for
 from engine.config import ConfigError
 
 

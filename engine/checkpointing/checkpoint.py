@@ -7,7 +7,7 @@ Layout under <run_dir>/checkpoints:
         run_config.json       the resolved run config (checked for compatibility on resume)
         hf/                   HF model config, generation config, tokenizer: what an offline
                               export needs besides the weights (engine/export.py)
-        universal/            written on demand when resuming on another world size (engine/reshard.py)
+        universal/            written on demand when resuming on another world size (engine/checkpointing/reshard.py)
         COMPLETE              written last, after every rank has finished writing
     latest                    the tag of the newest complete checkpoint (replaced atomically)
     best                      the tag of the complete checkpoint with the lowest eval metric
@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 
 from engine.config import ConfigError
-from engine.reshard import ResumeSource
-from engine.retention import SavedCheckpoint, best_steps, steps_to_delete
+from engine.checkpointing.reshard import ResumeSource
+from engine.checkpointing.retention import SavedCheckpoint, best_steps, steps_to_delete
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -241,7 +241,7 @@ def _discard(path: Path) -> None:
 def load(engine, ckpt: Path, *, load_optimizer: bool = True, source: Optional[ResumeSource] = None) -> dict:
     """Restore a checkpoint into the engine; returns the trainer state saved with it.
 
-    source (engine/reshard.py) says where DeepSpeed reads from: the checkpoint itself, or its
+    source (engine/checkpointing/reshard.py) says where DeepSpeed reads from: the checkpoint itself, or its
     universal copy when the world size changed (the engine must then be built with load_universal).
     """
     ckpt = Path(ckpt)

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from engine import checkpoint, reshard
-from engine.retention import SavedCheckpoint, best_steps, steps_to_delete
-from engine.run_compat import ResumeConfigError, check_resume_config, config_differences
-from engine.save_schedule import SaveSchedule
+from engine.checkpointing import checkpoint, reshard
+from engine.checkpointing.retention import SavedCheckpoint, best_steps, steps_to_delete
+from engine.checkpointing.run_compat import ResumeConfigError, check_resume_config, config_differences
+from engine.checkpointing.save_schedule import SaveSchedule
 
 
 def _saved(*pairs):
