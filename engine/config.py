@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from data_pipeline.spec import DataConfig, DataConfigError, SourceSpec
 from engine.config_tree import (ConfigError, build_dataclass, dataclass_help, field_docs, parse_override, read_tree,
@@ -42,6 +42,31 @@ class FromScratchConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Parameter-efficient training with LoRA adapters (through PEFT; engine/lora.py)."""
+
+    r: int = 0
+    """Adapter rank; 0 = off (full-parameter training). `model.lora.r=8` turns LoRA on."""
+    alpha: float = 16.0
+    """Scaling numerator: the adapter's update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input."""
+    target_modules: Union[str, list[str]] = "auto"
+    """Modules that get adapters, by name (e.g. [q_proj, v_proj]); auto = the attention and MLP
+    projections of Llama/Qwen2/Qwen3/GLM-style blocks. A name the model lacks is an error."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained whole beside the adapters and saved with them (e.g. [lm_head, embed_tokens])."""
+    init: str = "default"
+    """Adapter initialisation: default (A Kaiming-uniform, B zero: the model starts unchanged) or gaussian."""
+    quantize: str = "none"
+    """Base weights: none, or 4bit (QLoRA through bitsandbytes; needs CUDA)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+
+@dataclass
 class ModelConfig:
     """Which causal LM to train."""
 
@@ -57,6 +82,8 @@ class ModelConfig:
     """Attention kernel: sdpa, eager, or flash_attention_2 (GPU)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters instead of full-parameter training (on when lora.r > 0)."""
 
 
 @dataclass
@@ -145,6 +172,9 @@ class CheckpointConfig:
     """Export the final model to <run_dir>/export as a HF directory."""
     export_dtype: str = "auto"
     """dtype of the exported weights: auto (the training dtype), fp32, bf16 or fp16."""
+    export_merged: bool = False
+    """With LoRA: also export the base with the adapter merged, as a HF model, to <run_dir>/export_merged
+    (<run_dir>/export holds the adapter in PEFT format)."""
 
 
 @dataclass
@@ -233,6 +263,7 @@ class RunConfig:
         for key in ("eval.every_steps", "eval.micro_batch_size"):
             if _get(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {_get(self, key)}")
+        self._validate_lora()
         if not self.model.path and self.tokenizer.vocab_size < 300:
             raise ConfigError("tokenizer.vocab_size: a byte-level BPE needs >= 300 (256 bytes + specials)")
         if self.stages:
@@ -244,6 +275,22 @@ class RunConfig:
             self.data.validate("data")
         except DataConfigError as e:
             raise ConfigError(str(e)) from None
+
+    def _validate_lora(self) -> None:
+        lora = self.model.lora
+        if lora.r < 0:
+            raise ConfigError(f"model.lora.r: must be >= 0 (0 = off), got {lora.r}")
+        if not lora.enabled:
+            return
+        if not lora.alpha > 0:
+            raise ConfigError(f"model.lora.alpha: must be > 0, got {lora.alpha}")
+        if not 0 <= lora.dropout < 1:
+            raise ConfigError(f"model.lora.dropout: must be in [0, 1), got {lora.dropout}")
+        targets = lora.target_modules
+        if targets != "auto" and (isinstance(targets, str) or not targets or "auto" in targets):
+            raise ConfigError(f"model.lora.target_modules: auto or a list of module names, got {targets!r}")
+        _one_of("model.lora.init", lora.init, ("default", "gaussian"))
+        _one_of("model.lora.quantize", lora.quantize, ("none", "4bit"))
 
     @property
     def warmup_steps(self) -> int:
@@ -315,7 +362,7 @@ def config_help() -> str:
 
 
 __all__ = [
-    "CheckpointConfig", "ConfigError", "DataConfig", "EvalConfig", "FromScratchConfig", "LogConfig",
+    "CheckpointConfig", "ConfigError", "DataConfig", "EvalConfig", "FromScratchConfig", "LogConfig", "LoraConfig",
     "ModelConfig", "RunConfig", "SourceSpec", "Stage", "TokenizerConfig", "TrainConfig",
     "build_config", "expand_stages", "config_help", "field_docs", "load_config", "parse_override", "to_dict",
 ]

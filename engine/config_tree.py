@@ -50,11 +50,14 @@ def build_dataclass(cls: type, data: Any, key: str) -> Any:
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
+    if origin is typing.Union:  # Optional[X], or X | list[X] (a value or a list of them)
+        if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key)
+        lists = [a for a in inner if typing.get_origin(a) is list]
+        scalars = [a for a in inner if typing.get_origin(a) is not list]
+        chosen = lists[0] if isinstance(value, list) and lists else (scalars or inner)[0]
+        return _coerce(chosen, value, key)
     if dataclasses.is_dataclass(tp):
         return build_dataclass(tp, value, key)
     if origin is list:

@@ -29,6 +29,8 @@ from data_pipeline.render.tokenizer import TokenizerError, is_complete_tokenizer
 from engine.checkpointing.checkpoint import find_latest, read_trainer_state, resolve_resume
 from engine.config import ConfigError, RunConfig, expand_stages, to_dict
 from engine.ds_config import build_ds_config, grad_accum_steps
+from engine.lora import adapter_plan
+from engine.model import model_skeleton
 from engine.nan_policy import check_nan_policy_config
 from engine.preflight import check_model_dir, check_seq_len, load_run_tokenizer
 from engine.rules import check_stage_rules
@@ -227,6 +229,9 @@ def check_run(cfg: RunConfig, world: int, *, on_cuda: bool, base_dir: Path, cach
                                          "tokenizer are checked as that stage's")
     elif cfg.model.path:
         checks.attempt("model.path", lambda: _model_dir(cfg))
+    if cfg.model.lora.enabled:
+        checks.attempt("model.lora", lambda: adapter_plan(model_skeleton(model_cfg.model, model_cfg.tokenizer.vocab_size),
+                                                          cfg.model.lora))
     samples = _check_sources(checks, cfg, cache_dir)
     _check_tokenizer_and_template(checks, model_cfg, samples, cache_dir)
     checks.attempt("data.seq_len", lambda: check_seq_len(model_cfg) or "the model's positions are not stated")

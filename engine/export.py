@@ -8,7 +8,8 @@ Offline, from a checkpoint of any ZeRO stage (no GPU, no process group):
     python -m engine.export --checkpoint <run_dir>/checkpoints/step_00000100 [--out DIR] [--dtype bf16]
 
 The checkpoint holds the model config, generation config and tokenizer (engine/checkpointing/checkpoint.py), so
-the export needs nothing else.
+the export needs nothing else. A LoRA run's checkpoint also holds its adapter_config.json: its
+export is the base with the adapter merged.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import torch
 import torch.distributed as dist
 
 from engine.checkpointing import checkpoint
-from engine.model import DTYPES
 from engine.checkpointing.reshard import has_zero_partitions
+from engine.lora import is_adapter_dir, merged_model
+from engine.model import DTYPES
 
 
 def gather_state_dict(model, dtype: torch.dtype) -> dict:
@@ -109,6 +111,8 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, dtype_name: str = "
     dtype = DTYPES[dtype_name]
     config = AutoConfig.from_pretrained(str(hf_dir))
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    if is_adapter_dir(hf_dir):
+        return _export_lora_checkpoint(ckpt, hf_dir, config, tokenizer, out_dir, dtype)
     state = {}
     for name, lazy in _lazy_checkpoint_tensors(ckpt).items():
         tensor = lazy.contiguous()
@@ -127,6 +131,26 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, dtype_name: str = "
                   if (hf_dir / "generation_config.json").is_file() else GenerationConfig())
     generation.eos_token_id, generation.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     generation.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def _export_lora_checkpoint(ckpt: Path, hf_dir: Path, config, tokenizer, out_dir: Path, dtype: torch.dtype) -> Path:
+    """A LoRA run's checkpoint: its base with the adapter merged (PEFT's merge_and_unload), as a HF model."""
+    from peft import PeftConfig
+    from transformers import GenerationConfig
+
+    state = {name: lazy.contiguous().to(torch.float32, copy=True) for name, lazy in _lazy_checkpoint_tensors(ckpt).items()}
+    merged = merged_model(config, PeftConfig.from_pretrained(str(hf_dir)), state).to(dtype)
+    del state
+    merged.config.use_cache = True
+    merged.config.dtype = dtype
+    if (hf_dir / "generation_config.json").is_file():
+        merged.generation_config = GenerationConfig.from_pretrained(str(hf_dir))
+    merged.generation_config.eos_token_id = tokenizer.eos_token_id
+    merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
     return out_dir
 

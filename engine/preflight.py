@@ -8,16 +8,17 @@ at the first problem; the dry run (engine/dry_run.py) calls the checks one by on
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Optional, Sequence
 
 from data_pipeline.render.tokenizer import TokenizerError, load_tokenizer
 from engine.checkpointing.checkpoint import resume_checkpoint
-from engine.config import ConfigError, RunConfig
+from engine.config import ConfigError, RunConfig, Stage
 from engine.ds_config import build_ds_config
+from engine.lora import adapter_base_path, is_adapter_dir
 from engine.nan_policy import check_nan_policy_config
-from engine.config import Stage
 
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 """Where HF model configs keep the longest sequence the model is built for, by model family."""
@@ -53,16 +54,35 @@ def load_run_tokenizer(cfg: RunConfig):
 
 
 def check_model_dir(cfg: RunConfig) -> None:
-    if cfg.model.path and not (Path(cfg.model.path) / "config.json").is_file():
+    if cfg.model.path and is_adapter_dir(cfg.model.path):
+        adapter_base_path(cfg.model.path)  # a ConfigError when the base it names is not here
+    elif cfg.model.path and not (Path(cfg.model.path) / "config.json").is_file():
         what = "does not exist" if not Path(cfg.model.path).exists() else "is not a HF model directory (no config.json)"
         raise ConfigError(f"model.path: {cfg.model.path} {what}")
+
+
+def check_lora(cfg: RunConfig, *, on_cuda: bool) -> None:
+    """LoRA settings that need a device or a library this machine may lack."""
+    lora = cfg.model.lora
+    if not lora.enabled or lora.quantize == "none":
+        return
+    if not on_cuda:
+        raise ConfigError("model.lora.quantize: 4bit (QLoRA) needs CUDA (bitsandbytes' 4-bit kernels); "
+                          "use model.lora.quantize=none on this machine")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("model.lora.quantize: 4bit needs bitsandbytes: pip install bitsandbytes")
+    if not cfg.model.path:
+        raise ConfigError("model.lora.quantize: 4bit quantizes a pretrained base; set model.path")
 
 
 def model_max_positions(cfg: RunConfig) -> Optional[tuple[int, str]]:
     """(longest sequence the model is built for, where that figure comes from), if known."""
     if not cfg.model.path:
         return cfg.model.from_scratch.max_position_embeddings, "model.from_scratch.max_position_embeddings"
-    path = Path(cfg.model.path) / "config.json"
+    model_dir = Path(cfg.model.path)
+    while is_adapter_dir(model_dir):
+        model_dir = adapter_base_path(model_dir)
+    path = model_dir / "config.json"
     try:
         hf_config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
@@ -93,6 +113,7 @@ def check_before_data(cfg: RunConfig, world_size: int, *, on_cuda: bool, base_di
     check_nan_policy_config(cfg.train.nan_policy, ds_config, cfg.model.dtype)
     resume_checkpoint(cfg.checkpoint.resume, Path(cfg.run_dir) / "checkpoints")
     check_model_dir(cfg)
+    check_lora(cfg, on_cuda=on_cuda)
     check_tokenizer_dir(cfg)
     check_seq_len(cfg)
     return ds_config
@@ -110,6 +131,7 @@ def check_stages_before_data(stages: Sequence[Stage], world_size: int, *, on_cud
             from_export = stage.index > 0 and stage.cfg.model.path == str(stages[stage.index - 1].export_dir)
             if not from_export:
                 check_model_dir(stage.cfg)
+                check_lora(stage.cfg, on_cuda=on_cuda)
                 check_tokenizer_dir(stage.cfg)
                 check_seq_len(stage.cfg)
         except ConfigError as e:

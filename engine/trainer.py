@@ -38,7 +38,8 @@ from engine.checkpointing import checkpoint
 from engine.config import RunConfig, expand_stages, to_dict
 from engine.export import export_hf
 from engine.loss import CausalLMWithMaskedLoss, scaled_for_deepspeed
-from engine.model import build_model, count_parameters
+from engine.lora import apply_lora, export_adapter, export_merged, parameter_counts
+from engine.model import DTYPES, build_model
 from engine.checkpointing.consumption import SourceConsumption
 from engine.evaluate import evaluate
 from engine.finished import finished_message, finished_summary, write_summary
@@ -148,9 +149,11 @@ class Trainer:
             for warning in eval_overlap_warnings(sources, [(e.name, e.source) for e in self.eval_sets]):
                 print(f"warning: {warning}", flush=True)
         model = build_model(cfg.model, self.tokenizer, seed=cfg.train.seed)
-        self.n_params = count_parameters(model)
         wrapped = CausalLMWithMaskedLoss(model, num_sources=len(sources), backend=cfg.train.loss_backend,
                                          strategy=cfg.train.loss_strategy)
+        if cfg.model.lora.enabled:  # after the fused head is in place: PEFT wraps the final modules
+            wrapped.lm = apply_lora(wrapped.lm, cfg.model.lora, base_path=cfg.model.path, seed=cfg.train.seed)
+        self.n_trainable, self.n_params = parameter_counts(wrapped)
         self.engine, self.ds_config = setup_engine(cfg, wrapped, ranks, self.repo_root, resume_source)
         self.zero_stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
         self.stream = SFTStream(
@@ -173,7 +176,8 @@ class Trainer:
         self.flops_tok = flops_per_token(matmul_parameters(model), hf.num_hidden_layers, hf.hidden_size,
                                          cfg.data.seq_len)
         self.monitor.print(
-            f"model: {self.n_params / 1e6:.2f}M parameters, vocab {len(self.tokenizer)}, ZeRO-{self.zero_stage}, "
+            f"model: {self.n_params / 1e6:.2f}M parameters ({self.n_trainable / 1e6:.3f}M trainable, "
+            f"{self.n_trainable / max(self.n_params, 1):.2%}), vocab {len(self.tokenizer)}, ZeRO-{self.zero_stage}, "
             f"{ranks.world_size} rank(s), grad accumulation {self.stream.grad_accum}, "
             f"{sum(len(s) for s in sources)} samples in {len(sources)} source(s)"
         )
@@ -184,6 +188,7 @@ class Trainer:
         if self.start_step == 0:
             eval_tags = [f"eval/{e.name}/loss" for e in self.eval_sets] + (["eval/loss"] if self.eval_sets else [])
             self.monitor.log_config(to_dict(cfg), metric_tags=("train/loss", *eval_tags))
+            self.monitor.log_scalars(0, {"model/parameters": self.n_params, "model/trainable_parameters": self.n_trainable})
         self.save_schedule = SaveSchedule(cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
         self._install_signal_handlers()
 
@@ -277,11 +282,26 @@ class Trainer:
         export_dir = None
         if cfg.checkpoint.export_at_end:
             dtype = cfg.checkpoint.export_dtype if cfg.checkpoint.export_dtype != "auto" else cfg.model.dtype
-            export_dir = export_hf(engine.module.lm, self.tokenizer, self.run_dir / "export", dtype)
-            if export_dir is not None:
-                monitor.print(f"exported the model to {export_dir}")
+            export_dir = self._export(dtype)
         return self._finish(RunSummary(step, last_loss, str(export_dir) if export_dir else None,
                                        before=before, after=after))
+
+    def _export(self, dtype: str) -> Optional[Path]:
+        """The model (or, with LoRA, the adapter, and on request the merged model) as HF directories."""
+        lm, out = self.engine.module.lm, self.run_dir / "export"
+        if not self.cfg.model.lora.enabled:
+            written = export_hf(lm, self.tokenizer, out, dtype)
+            if written is not None:
+                self.monitor.print(f"exported the model to {written}")
+            return written
+        written = export_adapter(lm, self.tokenizer, out, DTYPES[dtype])
+        if written is not None:
+            self.monitor.print(f"exported the adapter to {written} (base: {lm.peft_config['default'].base_model_name_or_path})")
+        if self.cfg.checkpoint.export_merged:
+            merged = export_merged(lm, self.tokenizer, self.run_dir / "export_merged", DTYPES[dtype])
+            if merged is not None:
+                self.monitor.print(f"exported the merged model to {merged}")
+        return written
 
     def _finish(self, summary: RunSummary) -> RunSummary:
         """The job's summary, also left in run_dir: a later launch of the finished run prints it."""

@@ -193,13 +193,17 @@ def save(engine, root: Path, step: int, trainer_state: dict, *, keep_last: int, 
 
 
 def save_hf_metadata(out: Path, hf_model, tokenizer) -> None:
-    """The model's config.json, generation_config.json and the tokenizer files (no weights)."""
+    """The model's config.json, generation_config.json, with LoRA adapter_config.json, and the
+    tokenizer files (no weights)."""
     out.mkdir(parents=True, exist_ok=True)
     if hf_model is not None:
         hf_model.config.save_pretrained(str(out))
         generation = getattr(hf_model, "generation_config", None)
         if generation is not None:
             generation.save_pretrained(str(out))
+        adapters = getattr(hf_model, "peft_config", None)  # a LoRA run: the export merges from this
+        if adapters:
+            adapters["default"].save_pretrained(str(out))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
 
