@@ -90,7 +90,10 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig, *, base_path: str, seed:
     """The model wrapped in a PeftModel with fresh adapters (seeded: every rank builds the same)."""
     from peft import get_peft_model
 
-    config = peft_config(cfg, model, str(Path(base_path).resolve()) if base_path else "")
+    base = str(Path(base_path).resolve()) if base_path else ""
+    config = peft_config(cfg, model, base)
+    if base:  # PEFT names the model's own name_or_path as the base: make it the absolute directory
+        model.name_or_path = base
     if getattr(model, "is_activation_checkpointing", False):
         # Frozen embeddings give the checkpointed blocks inputs without grad; their adapters then
         # would get none. This makes the embedding output require grad, as PEFT's docs prescribe.
@@ -143,16 +146,14 @@ def export_adapter(peft_model, tokenizer, out_dir: str | Path, dtype: torch.dtyp
     """Write the adapter in PEFT format (+ tokenizer) on rank 0; every rank must call this."""
     import torch.distributed as dist
 
-    from peft.utils import get_peft_model_state_dict
-
     trained = {name for name, p in peft_model.named_parameters() if p.requires_grad}
     state = _gathered(peft_model, trained, dtype)
     rank = dist.get_rank() if dist.is_initialized() else 0
     out_dir = Path(out_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        adapter_state = get_peft_model_state_dict(peft_model, state_dict=state)
-        peft_model.save_pretrained(str(out_dir), state_dict=adapter_state, safe_serialization=True)
+        # save_pretrained picks the adapter's tensors out of the gathered ones itself
+        peft_model.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(str(out_dir))
     if dist.is_initialized():
         dist.barrier()

@@ -6,6 +6,9 @@
   A model trained from scratch needs some warmup, but a few percent of the steps is enough there too.
 - Fewer epochs the more data there is: 2-3 epochs over a few thousand samples, 1 over a million;
   more epochs memorise the answers (rising eval loss) instead of generalising.
+- LoRA trains small adapters whose update starts at zero: it wants a higher lr than full SFT
+  (typically 1e-4..3e-4, the ratio to the pretraining lr does not apply), and a trained base: on
+  random weights the frozen base has nothing to adapt.
 - Across stages (engine/stages.py): continued pretraining trains on every token, SFT only on
   answers; an SFT stage after a cpt stage uses ~10% of its lr; a later SFT stage (domain) should
   not use a higher lr than the SFT stage before it (general), or it overwrites the general skills;
@@ -20,6 +23,8 @@ from engine.config import RunConfig, Stage
 
 PRETRAINED_SFT_LR_CEILING = 1e-4
 MAX_SFT_WARMUP_SHARE = 0.1
+LORA_LR_RANGE = (2e-5, 1e-3)
+"""LoRA lrs outside this range rarely work: below, adapters barely move; above, training diverges."""
 MAX_SFT_REPEAT = 3.0
 SFT_EPOCH_LIMITS = ((10_000, 3.0), (100_000, 2.0))
 """(source size below which, epochs allowed): the more samples, the fewer passes; 1 beyond."""
@@ -33,7 +38,15 @@ def check_rules_of_thumb(cfg: RunConfig) -> list[str]:
     warnings = []
     if t.kind != "sft":
         return warnings
-    if t.pretrain_lr is not None and t.lr > 0.3 * t.pretrain_lr:
+    if cfg.model.lora.enabled:
+        low, high = LORA_LR_RANGE
+        if not low <= t.lr <= high:
+            warnings.append(f"train.lr={t.lr:g} with LoRA (model.lora.r={cfg.model.lora.r}): adapters usually train "
+                            f"at 1e-4..3e-4 ({'barely moves' if t.lr < low else 'tends to diverge'} at this lr)")
+        if not cfg.model.path:
+            warnings.append("model.lora.r > 0 on a model trained from scratch (model.path is empty): the frozen base "
+                            "is random weights; train it in full first (a stage), then LoRA on its export")
+    elif t.pretrain_lr is not None and t.lr > 0.3 * t.pretrain_lr:
         warnings.append(
             f"train.lr={t.lr:g} is {t.lr / t.pretrain_lr:.0%} of train.pretrain_lr={t.pretrain_lr:g}; SFT "
             "usually uses ~10%: a pretraining-sized lr overwrites what the base model knows"

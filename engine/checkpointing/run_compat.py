@@ -22,12 +22,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.config import ConfigError
+from engine.config import ConfigError, RunConfig, to_dict
+
+ABSENT = "<absent>"
 
 # A changed key is refused when it equals one of these or lies below one ("model.from_scratch" covers
 # "model.from_scratch.hidden_size"; "data.sources" covers "data.sources[0].path").
 MEANINGFUL_KEYS = (
-    "model.path", "model.from_scratch", "model.dtype",
+    "model.path", "model.from_scratch", "model.dtype", "model.lora",
     "tokenizer",
     "data.sources", "data.template", "data.train_on", "data.seq_len", "data.truncation", "data.on_error",
     "data.packing", "data.seed", "data.dedup",
@@ -61,15 +63,16 @@ def _is_meaningful(key: str) -> bool:
 def config_differences(saved: dict, now: dict) -> dict[str, tuple[Any, Any]]:
     """Every dotted key whose value differs: key -> (saved, now). Missing keys read as <absent>."""
     a, b = flatten(saved), flatten(now)
-    absent = "<absent>"
-    return {k: (a.get(k, absent), b.get(k, absent)) for k in sorted(a.keys() | b.keys())
-            if a.get(k, absent) != b.get(k, absent)}
+    return {k: (a.get(k, ABSENT), b.get(k, ABSENT)) for k in sorted(a.keys() | b.keys())
+            if a.get(k, ABSENT) != b.get(k, ABSENT)}
 
 
 def check_resume_config(saved: dict, now: dict, *, checkpoint: str) -> list[str]:
     """Raise ResumeConfigError on a meaningful change; return the benign changes, one line each."""
     diffs = config_differences(saved, now)
-    refused = [k for k in diffs if _is_meaningful(k)]
+    defaults = flatten(to_dict(RunConfig()))
+    # A key newer than the checkpoint reads <absent> there; at its default it changes nothing.
+    refused = [k for k in diffs if _is_meaningful(k) and not (diffs[k][0] == ABSENT and diffs[k][1] == defaults.get(k))]
     lines = {k: f"{k}: checkpoint {diffs[k][0]!r} -> now {diffs[k][1]!r}" for k in diffs}
     if refused:
         raise ResumeConfigError(

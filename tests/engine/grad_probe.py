@@ -35,6 +35,22 @@ def tiny_model(tie: bool = True):
     return LlamaForCausalLM(cfg)
 
 
+def with_lora(model, r: int, save_head: bool = False):
+    """The model with LoRA adapters (engine/lora.py) whose B matrices are made non-zero, the same
+    way in every process, so that the gradients of A and B both carry information."""
+    from engine.config import LoraConfig
+    from engine.lora import apply_lora
+
+    lora = LoraConfig(r=r, alpha=2.0 * r, modules_to_save=["lm_head"] if save_head else [])
+    model = apply_lora(model, lora, base_path="", seed=0)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "lora_B" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=g))
+    return model
+
+
 def global_batch(masked_everything: bool = False) -> dict:
     g = torch.Generator().manual_seed(1)
     input_ids = torch.randint(3, VOCAB, (ROWS, LENGTH), generator=g)
@@ -56,6 +72,8 @@ def main() -> None:
     p.add_argument("--untied", action="store_true")
     p.add_argument("--strategy", default="row_chunks", help="fused loss algorithm (row_chunks or vocab_blocks)")
     p.add_argument("--masked-everything", action="store_true")
+    p.add_argument("--lora", type=int, default=0, help="LoRA rank (0 = full-parameter)")
+    p.add_argument("--lora-save-head", action="store_true", help="with --lora: train the lm_head whole too")
     p.add_argument("--local_rank", type=int, default=0)
     args = p.parse_args()
 
@@ -71,13 +89,16 @@ def main() -> None:
         raise SystemExit(f"{ROWS} rows != world {world} x micro {args.micro} x accum {args.accum}")
     model = CausalLMWithMaskedLoss(tiny_model(tie=not args.untied), fused=not args.hf_loss, backend="torch",
                                    strategy=args.strategy)
+    if args.lora:  # as the trainer does it: after the fused head is in place
+        model.lm = with_lora(model.lm, args.lora, args.lora_save_head)
     ds_config = {
         "train_batch_size": ROWS, "train_micro_batch_size_per_gpu": args.micro,
         "gradient_accumulation_steps": args.accum, "gradient_clipping": 0.0,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
         "zero_optimization": {"stage": args.zero},
     }
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
 
     batch = global_batch(args.masked_everything)
     rows_per_rank = ROWS // world
@@ -95,6 +116,8 @@ def main() -> None:
         engine.backward(scaled_for_deepspeed(loss_sums.sum(), int(count), world, args.accum))
         if j == args.accum - 1:  # at the boundary, after the reduction, before the optimizer step
             for name, param in engine.module.named_parameters():
+                if not param.requires_grad:  # a LoRA base: frozen, no gradient to compare
+                    continue
                 grad = safe_get_full_grad(param)
                 grads[name] = None if grad is None else grad.detach().double().cpu().clone()
         engine.step()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from engine.config import RunConfig, SourceSpec
+from pathlib import Path
+
+from engine.config import RunConfig, SourceSpec, Stage, load_config
 from engine.rules import check_epochs, check_rules_of_thumb, check_stage_rules
-from engine.config import Stage
+
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "sft" / "demo.yaml"
 
 
 def _stage(name: str, kind: str, lr: float, train_on: str) -> Stage:
@@ -58,3 +61,15 @@ def test_long_warmup_warning_fits_a_from_scratch_model():
     assert "trained model" not in scratch
     cfg.model.path = "/models/base"
     assert any("SFT starts from a trained model" in w for w in check_rules_of_thumb(cfg))
+
+
+def test_lora_lr_is_checked_against_its_own_range_not_the_full_sft_one(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    lora = ["model.lora.r=8", f"model.path={tmp_path}", "train.warmup_steps=1"]
+    assert check_rules_of_thumb(load_config(DEMO, [*lora, "train.lr=2e-4"])) == []
+    (high,) = check_rules_of_thumb(load_config(DEMO, [*lora, "train.lr=5e-3"]))
+    assert "with LoRA" in high and "diverge" in high
+    (low,) = check_rules_of_thumb(load_config(DEMO, [*lora, "train.lr=1e-6"]))
+    assert "barely moves" in low
+    scratch = check_rules_of_thumb(load_config(DEMO, ["model.lora.r=8", "train.lr=2e-4", "train.warmup_steps=1"]))
+    assert any("trained from scratch" in w for w in scratch)

@@ -89,6 +89,15 @@ def test_resume_allows_benign_changes_and_reports_them():
     assert config_differences(SAVED, SAVED) == {}
 
 
+def test_a_key_newer_than_the_checkpoint_is_benign_at_its_default_only():
+    now = _changed()
+    now["model"]["lora"] = {"r": 0, "alpha": 16.0}  # SAVED was written before model.lora existed
+    check_resume_config(SAVED, now, checkpoint="ckpt")
+    now["model"]["lora"]["r"] = 8  # turning LoRA on changes the model: refused
+    with pytest.raises(ResumeConfigError, match=r"model\.lora\.r"):
+        check_resume_config(SAVED, now, checkpoint="ckpt")
+
+
 def _fake_checkpoint(root, step, world_size, *, zero_files=True, complete=True):
     ckpt = root / checkpoint.tag_for(step)
     ckpt.mkdir(parents=True)
