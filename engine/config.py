@@ -147,6 +147,10 @@ class TrainConfig:
     nan_policy: str = "stop"
     """On a non-finite loss or gradient norm: stop (error naming the step and per-source losses) or
     skip (drop that update on every rank; needs ZeRO >= 1 or bf16/fp16; see engine/nan_policy.py)."""
+    sequence_parallel: int = 1
+    """Ranks that share each sequence (DeepSpeed Ulysses; engine/sequence_parallel.py): each holds
+    1/N of every row, so one sample may be N times longer than one device holds. Must divide the
+    world size, the attention heads and data.seq_len; the data-parallel size is world / N."""
     stop_at_step: Optional[int] = None
     """End this job after this step (with a checkpoint) without changing the lr schedule, which
     still runs to max_steps; the next launch resumes. For jobs shorter than the whole run."""
@@ -264,6 +268,15 @@ class RunConfig:
             if _get(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {_get(self, key)}")
         self._validate_lora()
+        sp = self.train.sequence_parallel
+        if sp < 1:
+            raise ConfigError(f"train.sequence_parallel: must be >= 1, got {sp}")
+        if sp > 1 and self.data.seq_len % sp:
+            raise ConfigError(f"train.sequence_parallel={sp} must divide data.seq_len={self.data.seq_len} "
+                              "(every row is cut into equal parts)")
+        if sp > 1 and self.model.attn_implementation == "eager":
+            raise ConfigError("model.attn_implementation: eager builds a dense [L, L] mask; sequence parallelism "
+                              "(train.sequence_parallel > 1) needs sdpa or flash_attention_2")
         if not self.model.path and self.tokenizer.vocab_size < 300:
             raise ConfigError("tokenizer.vocab_size: a byte-level BPE needs >= 300 (256 bytes + specials)")
         if self.stages:

@@ -32,7 +32,7 @@ from engine.ds_config import build_ds_config, grad_accum_steps
 from engine.lora import adapter_plan
 from engine.model import model_skeleton
 from engine.nan_policy import check_nan_policy_config
-from engine.preflight import check_model_dir, check_seq_len, load_run_tokenizer
+from engine.preflight import check_model_dir, check_seq_len, check_sequence_parallel, load_run_tokenizer
 from engine.rules import check_stage_rules
 
 SAMPLE_RECORDS = 8
@@ -229,6 +229,8 @@ def check_run(cfg: RunConfig, world: int, *, on_cuda: bool, base_dir: Path, cach
                                          "tokenizer are checked as that stage's")
     elif cfg.model.path:
         checks.attempt("model.path", lambda: _model_dir(cfg))
+    if cfg.train.sequence_parallel > 1:
+        checks.attempt("train.sequence_parallel", lambda: check_sequence_parallel(model_cfg, world))
     if cfg.model.lora.enabled:
         checks.attempt("model.lora", lambda: adapter_plan(model_skeleton(model_cfg.model, model_cfg.tokenizer.vocab_size),
                                                           cfg.model.lora))

@@ -29,12 +29,22 @@ RUN_OPTIMIZER_PARAMS = frozenset({"lr", "betas", "eps", "weight_decay", "torch_a
 ADAM_TYPES = ("adam", "adamw")
 
 
+def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
+    """Ranks that take different rows: the world, divided by the ranks that share each row."""
+    sp = cfg.train.sequence_parallel
+    if world_size % sp:
+        raise ConfigError(f"train.sequence_parallel={sp} must divide the world size {world_size}")
+    return world_size // sp
+
+
 def grad_accum_steps(cfg: RunConfig, world_size: int) -> int:
-    per_step = cfg.train.micro_batch_size * world_size
+    dp = data_parallel_size(cfg, world_size)
+    per_step = cfg.train.micro_batch_size * dp
     if cfg.train.global_batch_size % per_step:
+        what = f"world size {world_size}" if dp == world_size else f"data-parallel size {dp}"
         raise ConfigError(
             f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
-            f"train.micro_batch_size={cfg.train.micro_batch_size} x world size {world_size}"
+            f"train.micro_batch_size={cfg.train.micro_batch_size} x {what}"
         )
     return cfg.train.global_batch_size // per_step
 
@@ -86,7 +96,9 @@ def build_ds_config(cfg: RunConfig, world_size: int, *, on_cuda: bool, base_dir:
     t = cfg.train
     _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, "train.micro_batch_size", template)
     _fill(ds, "gradient_accumulation_steps", gas, "train.global_batch_size / (micro x world)", template)
-    _fill(ds, "train_batch_size", t.global_batch_size, "train.global_batch_size", template)
+    # DeepSpeed is not told of sequence-parallel groups (engine/sequence_parallel.py): to it every
+    # rank is data-parallel, and a row shared by a group counts once per rank.
+    _fill(ds, "train_batch_size", t.global_batch_size * t.sequence_parallel, "train.global_batch_size", template)
     _fill(ds, "gradient_clipping", t.grad_clip, "train.grad_clip", template)
     _fill(ds, "bf16.enabled", cfg.model.dtype == "bf16", "model.dtype", template)
     _fill(ds, "fp16.enabled", cfg.model.dtype == "fp16", "model.dtype", template)

@@ -58,7 +58,9 @@ def scaled_for_deepspeed(loss_sum: torch.Tensor, global_count: int, world_size: 
     """What to hand to engine.backward so that the step's gradient is grad(sum CE) / global_count.
 
     DeepSpeed divides the loss by grad_accum before backward and averages gradients over the
-    data-parallel ranks, so both factors are multiplied back in here.
+    data-parallel ranks, so both factors are multiplied back in here. With sequence parallelism
+    DeepSpeed is not told of the groups (engine/sequence_parallel.py): it averages over every rank,
+    and world_size stays the whole world.
     """
     return loss_sum * (world_size * grad_accum / max(global_count, 1))
 
@@ -80,13 +82,15 @@ class CausalLMWithMaskedLoss(torch.nn.Module):
         if self.fused:  # the head stays lm's submodule only: one module path, unchanged state_dict keys
             install_fused_head(lm, num_sources=num_sources, backend=backend, strategy=strategy)
 
-    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, source_index=None):
+    def forward(self, input_ids, labels=None, attention_mask=None, position_ids=None, source_index=None,
+                targets=None):
         """Per-source (sum of response-token CE, response-token count) of one micro-batch.
 
         The keyword arguments are MicroBatch.model_inputs() (data_pipeline/schedule/batch.py); labels are
-        unshifted and shifted here, once.
+        unshifted and shifted here, once. A sequence shard brings its targets shifted already.
         """
-        targets = shift_labels(labels)
+        if targets is None:
+            targets = shift_labels(labels)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         inputs = {k: v for k, v in inputs.items() if v is not None}
         if not self.fused:

@@ -19,6 +19,7 @@ from engine.config import ConfigError, RunConfig, Stage
 from engine.ds_config import build_ds_config
 from engine.lora import adapter_base_path, is_adapter_dir
 from engine.nan_policy import check_nan_policy_config
+from engine.sequence_parallel import SequenceParallelLayout, check_heads
 
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 """Where HF model configs keep the longest sequence the model is built for, by model family."""
@@ -75,18 +76,23 @@ def check_lora(cfg: RunConfig, *, on_cuda: bool) -> None:
         raise ConfigError("model.lora.quantize: 4bit quantizes a pretrained base; set model.path")
 
 
-def model_max_positions(cfg: RunConfig) -> Optional[tuple[int, str]]:
-    """(longest sequence the model is built for, where that figure comes from), if known."""
-    if not cfg.model.path:
-        return cfg.model.from_scratch.max_position_embeddings, "model.from_scratch.max_position_embeddings"
+def _hf_config(cfg: RunConfig) -> tuple[dict, Path]:
+    """The model's config.json (an adapter's base's, for an adapter directory) and its path."""
     model_dir = Path(cfg.model.path)
     while is_adapter_dir(model_dir):
         model_dir = adapter_base_path(model_dir)
     path = model_dir / "config.json"
     try:
-        hf_config = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8")), path
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"model.path: cannot read {path}: {e}") from None
+
+
+def model_max_positions(cfg: RunConfig) -> Optional[tuple[int, str]]:
+    """(longest sequence the model is built for, where that figure comes from), if known."""
+    if not cfg.model.path:
+        return cfg.model.from_scratch.max_position_embeddings, "model.from_scratch.max_position_embeddings"
+    hf_config, path = _hf_config(cfg)
     for section in (hf_config, hf_config.get("text_config") or {}):
         for key in POSITION_KEYS:
             value = section.get(key) if isinstance(section, dict) else None
@@ -107,6 +113,29 @@ def check_seq_len(cfg: RunConfig) -> Optional[str]:
     return f"{cfg.data.seq_len} <= {limit} ({where})"
 
 
+def check_sequence_parallel(cfg: RunConfig, world_size: int) -> Optional[str]:
+    """train.sequence_parallel against the world size and the model's attention heads."""
+    sp = cfg.train.sequence_parallel
+    if sp == 1:
+        return None
+    SequenceParallelLayout.of(0, world_size, sp)
+    if cfg.model.path:
+        hf_config, path = _hf_config(cfg)
+        section = hf_config.get("text_config") or hf_config
+        heads = section.get("num_attention_heads")
+        kv_heads = section.get("num_key_value_heads") or heads
+        where = str(path)
+    else:
+        heads = cfg.model.from_scratch.num_attention_heads
+        kv_heads = cfg.model.from_scratch.num_key_value_heads
+        where = "model.from_scratch"
+    if isinstance(heads, int) and isinstance(kv_heads, int):
+        check_heads(sp, heads, kv_heads, where)
+    return (f"{sp} ranks share each sequence ({cfg.data.seq_len // sp} of data.seq_len={cfg.data.seq_len} "
+            f"tokens each, {heads} heads -> {heads // sp if isinstance(heads, int) else '?'} per rank in attention); "
+            f"data-parallel size {world_size // sp}")
+
+
 def check_before_data(cfg: RunConfig, world_size: int, *, on_cuda: bool, base_dir: Path) -> dict:
     """The real run's first checks, before any data or model work; returns the DeepSpeed config."""
     ds_config = build_ds_config(cfg, world_size, on_cuda=on_cuda, base_dir=base_dir)
@@ -114,6 +143,7 @@ def check_before_data(cfg: RunConfig, world_size: int, *, on_cuda: bool, base_di
     resume_checkpoint(cfg.checkpoint.resume, Path(cfg.run_dir) / "checkpoints")
     check_model_dir(cfg)
     check_lora(cfg, on_cuda=on_cuda)
+    check_sequence_parallel(cfg, world_size)
     check_tokenizer_dir(cfg)
     check_seq_len(cfg)
     return ds_config
@@ -132,6 +162,7 @@ def check_stages_before_data(stages: Sequence[Stage], world_size: int, *, on_cud
             if not from_export:
                 check_model_dir(stage.cfg)
                 check_lora(stage.cfg, on_cuda=on_cuda)
+                check_sequence_parallel(stage.cfg, world_size)
                 check_tokenizer_dir(stage.cfg)
                 check_seq_len(stage.cfg)
         except ConfigError as e:

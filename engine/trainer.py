@@ -40,6 +40,7 @@ from engine.export import export_hf
 from engine.loss import CausalLMWithMaskedLoss, scaled_for_deepspeed
 from engine.lora import apply_lora, export_adapter, export_merged, parameter_counts
 from engine.model import DTYPES, build_model
+from engine.sequence_parallel import SequenceParallelLayout, UlyssesAttention
 from engine.checkpointing.consumption import SourceConsumption
 from engine.evaluate import evaluate
 from engine.finished import finished_message, finished_summary, write_summary
@@ -154,13 +155,15 @@ class Trainer:
         if cfg.model.lora.enabled:  # after the fused head is in place: PEFT wraps the final modules
             wrapped.lm = apply_lora(wrapped.lm, cfg.model.lora, base_path=cfg.model.path, seed=cfg.train.seed)
         self.n_trainable, self.n_params = parameter_counts(wrapped)
+        self.sp = SequenceParallelLayout.of(ranks.rank, ranks.world_size, cfg.train.sequence_parallel)
+        self.ulysses = UlyssesAttention(wrapped.lm, self.sp.size, cfg.train.micro_batch_size) if self.sp.enabled else None
         self.engine, self.ds_config = setup_engine(cfg, wrapped, ranks, self.repo_root, resume_source)
         self.zero_stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
         self.stream = SFTStream(
             sources, cfg.data.sources, seq_len=cfg.data.seq_len, global_batch_size=cfg.train.global_batch_size,
-            micro_batch_size=cfg.train.micro_batch_size, rank=ranks.rank, world_size=ranks.world_size,
+            micro_batch_size=cfg.train.micro_batch_size, rank=self.sp.group, world_size=self.sp.groups,
             seed=cfg.data.seed, packing=cfg.data.packing, pad_id=self.tokenizer.pad_token_id,
-            total_steps=cfg.train.max_steps,
+            total_steps=cfg.train.max_steps, pad_multiple=self.sp.size,
         )
         self.source_names = [s.name for s in cfg.data.sources]
         self.consumption = SourceConsumption.from_quotas(self.source_names, self.stream.plan.quotas)
@@ -178,7 +181,9 @@ class Trainer:
         self.monitor.print(
             f"model: {self.n_params / 1e6:.2f}M parameters ({self.n_trainable / 1e6:.3f}M trainable, "
             f"{self.n_trainable / max(self.n_params, 1):.2%}), vocab {len(self.tokenizer)}, ZeRO-{self.zero_stage}, "
-            f"{ranks.world_size} rank(s), grad accumulation {self.stream.grad_accum}, "
+            f"{ranks.world_size} rank(s)"
+            + (f" (sequence parallel {self.sp.size} x data parallel {self.sp.groups})" if self.sp.enabled else "")
+            + f", grad accumulation {self.stream.grad_accum}, "
             f"{sum(len(s) for s in sources)} samples in {len(sources)} source(s)"
         )
         if is_main(ranks):
@@ -218,14 +223,17 @@ class Trainer:
             # One all-reduce: the global target count, any rank's stop signal, rank 0's save clock.
             time_due = is_main(self.ranks) and self.save_schedule.time_due()
             stop_signal = signals.stop_requested() is not None
-            local = [sum(count_targets(mb.labels) for mb in micro_batches), int(stop_signal), int(time_due)]
+            # A sequence-parallel group shares its rows: its first rank counts them, once.
+            counts_here = self.sp.rank == 0
+            local = [sum(count_targets(mb.labels) for mb in micro_batches) if counts_here else 0,
+                     int(stop_signal), int(time_due)]
             global_count, stop, save_due = all_reduce_ints(local)
             if stop:
                 self._save(step, data_state)
                 self._mark_preempted(step)
                 raise StopRequested(f"stop signal received; checkpoint saved at step {step}")
             step += 1
-            if cfg.data.log_sample_ids:
+            if cfg.data.log_sample_ids and counts_here:
                 self._log_sample_ids(step, micro_batches)
             if global_count == 0:
                 # Nothing trains in this global batch: no update at all (not a NaN, and no Adam
@@ -238,6 +246,8 @@ class Trainer:
             own_grad_norm = None
             skipped_before = engine.skipped_steps
             for mb in micro_batches:
+                if self.sp.enabled:  # this rank's cut of every row (shifted before the cut)
+                    mb = mb.sequence_shard(self.sp.rank, self.sp.size)
                 # CausalLMWithMaskedLoss.forward -> FusedLMHead.forward -> the fused kernel
                 mb_loss_sums, mb_counts = engine(**mb.to(engine.device).model_inputs())
                 engine.backward(scaled_for_deepspeed(mb_loss_sums.sum(), global_count, self.ranks.world_size,
@@ -247,7 +257,7 @@ class Trainer:
                 engine.step()
                 loss_sums += mb_loss_sums.detach().double().cpu()
                 target_counts += mb_counts.detach().cpu()
-            counts = source_counts(micro_batches, len(self.source_names))
+            counts = source_counts(micro_batches if counts_here else [], len(self.source_names))
             counts["response_tokens"] = target_counts.tolist()  # what the loss counted (after the shift)
             totals = StepTotals.all_reduced(loss_sums, counts)
             last_loss = totals.loss
@@ -355,12 +365,14 @@ class Trainer:
         self.monitor.log_step(step, scalars)
 
     def _log_sample_ids(self, step: int, micro_batches: list[MicroBatch]) -> None:
-        """Debug log: the (source, sample) ids this rank consumed, one JSON line per step."""
+        """Debug log: the (source, sample) ids this rank's data-parallel slice held, one JSON line per
+        step (the first rank of a sequence-parallel group writes it for the group: "rank" and
+        "world_size" are the data-parallel ones)."""
         folder = self.run_dir / "sample_ids"
         folder.mkdir(parents=True, exist_ok=True)
-        record = {"step": step, "rank": self.ranks.rank, "world_size": self.ranks.world_size,
+        record = {"step": step, "rank": self.sp.group, "world_size": self.sp.groups,
                   "ids": [list(x) for x in consumed_sample_ids(micro_batches)]}
-        with open(folder / f"rank{self.ranks.rank}.jsonl", "a", encoding="utf-8") as f:
+        with open(folder / f"rank{self.sp.group}.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
     def _save(self, step: int, data_state: Optional[dict] = None) -> None:
@@ -384,6 +396,8 @@ class Trainer:
 
     # -- cleanup -------------------------------------------------------------------------------
     def cleanup(self) -> None:
+        if getattr(self, "ulysses", None) is not None:
+            self.ulysses.restore()
         monitor = getattr(self, "monitor", None)
         if monitor is not None:
             monitor.close()

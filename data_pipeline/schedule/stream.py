@@ -72,6 +72,7 @@ class SFTStream:
         pad_id: int,
         total_steps: int,
         mask_format: str = "bool",
+        pad_multiple: int = 1,
     ) -> None:
         if len(sources) != len(specs) or not sources:
             raise DataConfigError(f"data.sources: {len(specs)} specs but {len(sources)} prepared sources")
@@ -83,6 +84,7 @@ class SFTStream:
         self.seq_len, self.global_batch_size, self.micro_batch_size = seq_len, global_batch_size, micro_batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.packing, self.pad_id, self.total_steps, self.mask_format = packing, pad_id, total_steps, mask_format
+        self.pad_multiple = pad_multiple  # rows cut into equal parts (sequence parallelism) pad to a multiple
         self._lengths = [np.asarray(s.lengths) for s in sources]  # views of the memory maps, no copy
         self._check_lengths(specs)
         self.plan: RunPlan = plan_run(
@@ -170,6 +172,7 @@ class SFTStream:
         for j in range(self.grad_accum):
             rows = [[self._load(p) for p in row] for row in mine[j * self.micro_batch_size : (j + 1) * self.micro_batch_size]]
             pad_to = self.seq_len if self.packing else max(sum(len(s.input_ids) for s in row) for row in rows)
+            pad_to = -(-pad_to // self.pad_multiple) * self.pad_multiple
             micro_batches.append(collate_rows(rows, pad_to, self.pad_id, self.mask_format))
         self.step += 1
         self.position = layout.end
