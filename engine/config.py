@@ -151,6 +151,12 @@ class TrainConfig:
     """Ranks that share each sequence (DeepSpeed Ulysses; engine/sequence_parallel.py): each holds
     1/N of every row, so one sample may be N times longer than one device holds. Must divide the
     world size, the attention heads and data.seq_len; the data-parallel size is world / N."""
+    tiled_mlp: int = 0
+    """Run each block's MLP over the sequence in N tiles, recomputed in backward (DeepSpeed's TiledMLP;
+    engine/tiled_mlp.py): for long samples, whose MLP activations dominate memory. 0 = off."""
+    offload_activations: bool = False
+    """Keep the activations saved for backward in host memory (torch's save_on_cpu) instead of on the
+    device: for long samples on GPUs. Without a GPU they already are in host memory (no effect)."""
     stop_at_step: Optional[int] = None
     """End this job after this step (with a checkpoint) without changing the lr schedule, which
     still runs to max_steps; the next launch resumes. For jobs shorter than the whole run."""
@@ -268,6 +274,8 @@ class RunConfig:
             if _get(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {_get(self, key)}")
         self._validate_lora()
+        if self.train.tiled_mlp < 0:
+            raise ConfigError(f"train.tiled_mlp: must be >= 0 (0 = off), got {self.train.tiled_mlp}")
         sp = self.train.sequence_parallel
         if sp < 1:
             raise ConfigError(f"train.sequence_parallel: must be >= 1, got {sp}")

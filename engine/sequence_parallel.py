@@ -24,6 +24,7 @@ the model in eval mode, where the wrapper steps aside: whole sequences, as witho
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -141,3 +142,11 @@ class UlyssesAttention:
 
     def restore(self) -> None:
         self._functions[self.key] = self._original
+
+
+def activations_on_host(enabled: bool):
+    """train.offload_activations: tensors saved for backward go to (pinned) host memory during the
+    forward and come back in backward (torch.autograd.graph.save_on_cpu); a no-op when off."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())

@@ -40,7 +40,8 @@ from engine.export import export_hf
 from engine.loss import CausalLMWithMaskedLoss, scaled_for_deepspeed
 from engine.lora import apply_lora, export_adapter, export_merged, parameter_counts
 from engine.model import DTYPES, build_model
-from engine.sequence_parallel import SequenceParallelLayout, UlyssesAttention
+from engine.sequence_parallel import SequenceParallelLayout, UlyssesAttention, activations_on_host
+from engine.tiled_mlp import install_tiled_mlp
 from engine.checkpointing.consumption import SourceConsumption
 from engine.evaluate import evaluate
 from engine.finished import finished_message, finished_summary, write_summary
@@ -154,6 +155,8 @@ class Trainer:
                                          strategy=cfg.train.loss_strategy)
         if cfg.model.lora.enabled:  # after the fused head is in place: PEFT wraps the final modules
             wrapped.lm = apply_lora(wrapped.lm, cfg.model.lora, base_path=cfg.model.path, seed=cfg.train.seed)
+        if cfg.train.tiled_mlp:
+            install_tiled_mlp(wrapped.lm, cfg.train.tiled_mlp)
         self.n_trainable, self.n_params = parameter_counts(wrapped)
         self.sp = SequenceParallelLayout.of(ranks.rank, ranks.world_size, cfg.train.sequence_parallel)
         self.ulysses = UlyssesAttention(wrapped.lm, self.sp.size, cfg.train.micro_batch_size) if self.sp.enabled else None
@@ -249,7 +252,8 @@ class Trainer:
                 if self.sp.enabled:  # this rank's cut of every row (shifted before the cut)
                     mb = mb.sequence_shard(self.sp.rank, self.sp.size)
                 # CausalLMWithMaskedLoss.forward -> FusedLMHead.forward -> the fused kernel
-                mb_loss_sums, mb_counts = engine(**mb.to(engine.device).model_inputs())
+                with activations_on_host(cfg.train.offload_activations):
+                    mb_loss_sums, mb_counts = engine(**mb.to(engine.device).model_inputs())
                 engine.backward(scaled_for_deepspeed(mb_loss_sums.sum(), global_count, self.ranks.world_size,
                                                      len(micro_batches)))
                 if engine.is_gradient_accumulation_boundary():
