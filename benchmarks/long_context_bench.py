@@ -21,6 +21,7 @@ Last line: `long_context_bench length_ratio=<sp2 longest / sp1 longest>`.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -45,7 +46,13 @@ def _status_kib(field: str) -> int:
 
 
 def _reset_peak_rss() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    """Hand freed heap memory back to the OS (else the previous, longer step's cached memory would
+    hide this step's), then reset the peak RSS (VmHWM) to the current RSS."""
+    import ctypes
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def worker(args) -> None:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from engine.checkpointing import checkpoint
 from engine.checkpointing.reshard import has_zero_partitions
-from engine.lora import is_adapter_dir, merged_model
+from engine.lora import export_adapter, export_merged, is_adapter_dir, merged_model
 from engine.model import DTYPES
 
 
@@ -47,10 +47,10 @@ def gather_state_dict(model, dtype: torch.dtype) -> dict:
     return state
 
 
-def export_hf(model, tokenizer, out_dir: str | Path, dtype_name: str) -> Path | None:
+def export_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | str) -> Path | None:
     """Write model + tokenizer to out_dir (rank 0); every rank must call this."""
     out_dir = Path(out_dir)
-    dtype = DTYPES[dtype_name]
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     state = gather_state_dict(model, dtype)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
@@ -65,6 +65,25 @@ def export_hf(model, tokenizer, out_dir: str | Path, dtype_name: str) -> Path | 
     if dist.is_initialized():
         dist.barrier()
     return out_dir if rank == 0 else None
+
+
+def export_run(lm, tokenizer, run_dir: Path, dtype: torch.dtype, *, lora: bool, merged: bool, say) -> Path | None:
+    """The end of a run: <run_dir>/export holds the model, or with LoRA the adapter in PEFT format,
+    and on request <run_dir>/export_merged the base with the adapter merged (every rank calls)."""
+    out = Path(run_dir) / "export"
+    if not lora:
+        written = export_hf(lm, tokenizer, out, dtype)
+        if written is not None:
+            say(f"exported the model to {written}")
+        return written
+    written = export_adapter(lm, tokenizer, out, dtype)
+    if written is not None:
+        say(f"exported the adapter to {written} (base: {lm.peft_config['default'].base_model_name_or_path})")
+    if merged:
+        merged_dir = export_merged(lm, tokenizer, Path(run_dir) / "export_merged", dtype)
+        if merged_dir is not None:
+            say(f"exported the merged model to {merged_dir}")
+    return written
 
 
 # ----------------------------------------------------------------------------------------------

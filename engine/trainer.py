@@ -36,9 +36,9 @@ from data_pipeline.schedule.stream import SFTStream, StreamStateError
 from engine import signals
 from engine.checkpointing import checkpoint
 from engine.config import RunConfig, expand_stages, to_dict
-from engine.export import export_hf
+from engine.export import export_run
 from engine.loss import CausalLMWithMaskedLoss, scaled_for_deepspeed
-from engine.lora import apply_lora, export_adapter, export_merged, parameter_counts
+from engine.lora import apply_lora, parameter_counts
 from engine.model import DTYPES, build_model
 from engine.sequence_parallel import SequenceParallelLayout, UlyssesAttention, activations_on_host
 from engine.tiled_mlp import install_tiled_mlp
@@ -296,26 +296,10 @@ class Trainer:
         export_dir = None
         if cfg.checkpoint.export_at_end:
             dtype = cfg.checkpoint.export_dtype if cfg.checkpoint.export_dtype != "auto" else cfg.model.dtype
-            export_dir = self._export(dtype)
+            export_dir = export_run(engine.module.lm, self.tokenizer, self.run_dir, DTYPES[dtype],
+                                    lora=cfg.model.lora.enabled, merged=cfg.checkpoint.export_merged, say=monitor.print)
         return self._finish(RunSummary(step, last_loss, str(export_dir) if export_dir else None,
                                        before=before, after=after))
-
-    def _export(self, dtype: str) -> Optional[Path]:
-        """The model (or, with LoRA, the adapter, and on request the merged model) as HF directories."""
-        lm, out = self.engine.module.lm, self.run_dir / "export"
-        if not self.cfg.model.lora.enabled:
-            written = export_hf(lm, self.tokenizer, out, dtype)
-            if written is not None:
-                self.monitor.print(f"exported the model to {written}")
-            return written
-        written = export_adapter(lm, self.tokenizer, out, DTYPES[dtype])
-        if written is not None:
-            self.monitor.print(f"exported the adapter to {written} (base: {lm.peft_config['default'].base_model_name_or_path})")
-        if self.cfg.checkpoint.export_merged:
-            merged = export_merged(lm, self.tokenizer, self.run_dir / "export_merged", DTYPES[dtype])
-            if merged is not None:
-                self.monitor.print(f"exported the merged model to {merged}")
-        return written
 
     def _finish(self, summary: RunSummary) -> RunSummary:
         """The job's summary, also left in run_dir: a later launch of the finished run prints it."""

@@ -107,25 +107,39 @@ def main() -> None:
     count = torch.tensor([sum(count_targets(mb["labels"]) for mb in micro_batches)])
     dist.all_reduce(count)
     total_loss = torch.zeros(1, dtype=torch.float64)
-    from deepspeed.utils import safe_get_full_grad
-
     grads = {}
     for j, mb in enumerate(micro_batches):
         loss_sums, _ = engine(**mb)
         total_loss += loss_sums.detach().double().sum()
         engine.backward(scaled_for_deepspeed(loss_sums.sum(), int(count), world, args.accum))
         if j == args.accum - 1:  # at the boundary, after the reduction, before the optimizer step
-            for name, param in engine.module.named_parameters():
-                if not param.requires_grad:  # a LoRA base: frozen, no gradient to compare
-                    continue
-                grad = safe_get_full_grad(param)
-                grads[name] = None if grad is None else grad.detach().double().cpu().clone()
+            grads = full_gradients(engine)
         engine.step()
-    dist.all_reduce(total_loss)
-    if rank == 0:
-        torch.save({"grads": grads, "loss_sum": float(total_loss), "count": int(count)}, args.out)
-    dist.barrier()
+    save_result(args.out, grads, total_loss, int(count))
     dist.destroy_process_group()
+
+
+def full_gradients(engine) -> dict:
+    """name -> the full (gathered) float64 gradient of every trainable parameter, on every rank."""
+    from deepspeed.utils import safe_get_full_grad
+
+    grads = {}
+    for name, param in engine.module.named_parameters():
+        if not param.requires_grad:  # a LoRA base: frozen, no gradient to compare
+            continue
+        grad = safe_get_full_grad(param)
+        grads[name] = None if grad is None else grad.detach().double().cpu().clone()
+    return grads
+
+
+def save_result(out: str, grads: dict, total_loss: torch.Tensor, count: int) -> None:
+    """Sum the loss over ranks; rank 0 writes what the tests compare."""
+    import torch.distributed as dist
+
+    dist.all_reduce(total_loss)
+    if dist.get_rank() == 0:
+        torch.save({"grads": grads, "loss_sum": float(total_loss), "count": count}, out)
+    dist.barrier()
 
 
 if __name__ == "__main__":

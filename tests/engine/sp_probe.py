@@ -21,7 +21,8 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.engine.grad_probe import LENGTH, RESPONSE_TOKENS, ROWS, VOCAB, tiny_model  # noqa: E402
+from tests.engine.grad_probe import (LENGTH, RESPONSE_TOKENS, ROWS, VOCAB, full_gradients,  # noqa: E402
+                                     save_result, tiny_model)
 
 
 def samples(packed: bool) -> list[list]:
@@ -57,8 +58,6 @@ def main() -> None:
 
     import deepspeed
     import torch.distributed as dist
-    from deepspeed.utils import safe_get_full_grad
-
     from data_pipeline.schedule.collate import collate_rows
     from data_pipeline.schedule.labels import count_targets
     from engine.loss import CausalLMWithMaskedLoss, scaled_for_deepspeed
@@ -96,14 +95,9 @@ def main() -> None:
         total_loss += loss_sums.detach().double().sum()
         engine.backward(scaled_for_deepspeed(loss_sums.sum(), int(count), world, accum))
         if j == accum - 1:
-            for name, param in engine.module.named_parameters():
-                grad = safe_get_full_grad(param)
-                grads[name] = None if grad is None else grad.detach().double().cpu().clone()
+            grads = full_gradients(engine)
         engine.step()
-    dist.all_reduce(total_loss)
-    if rank == 0:
-        torch.save({"grads": grads, "loss_sum": float(total_loss), "count": int(count)}, args.out)
-    dist.barrier()
+    save_result(args.out, grads, total_loss, int(count))
     if ulysses is not None:
         ulysses.restore()
     dist.destroy_process_group()
