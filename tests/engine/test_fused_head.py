@@ -35,6 +35,8 @@ def test_swap_keeps_parameters_names_ties_and_logits(tie):
 def test_micro_batch_model_inputs_are_the_training_forward_arguments():
     rows = [[LoadedSample(0, 0, torch.arange(3, 8).numpy(), torch.arange(3, 8).numpy())]]
     batch = collate_rows(rows, 6, pad_id=0)
-    forward = inspect.signature(CausalLMWithMaskedLoss.forward).parameters
-    assert set(batch.model_inputs()) == set(forward) - {"self"}
+    forward = set(inspect.signature(CausalLMWithMaskedLoss.forward).parameters) - {"self"}
+    shard = batch.sequence_shard(1, 2)  # sequence parallelism: targets shifted before the cut, no mask
+    assert set(batch.model_inputs()) == forward - {"targets"}
+    assert set(shard.model_inputs()) == forward - {"labels", "attention_mask"}
     assert "source_index" not in batch.model_inputs(per_source=False)
