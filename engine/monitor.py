@@ -122,6 +122,16 @@ class Monitor:
         for summary in hparams(flatten_for_hparams(config), {tag: 0.0 for tag in metric_tags}):
             self.writer.file_writer.add_summary(summary)
 
+    def log_model_size(self, trainable: int, total: int) -> None:
+        """Trainable and total parameters (LoRA trains a share) in TensorBoard, once per run; not
+        in metrics.jsonl, whose lines are steps."""
+        if self.rank != 0 or self.writer is None:
+            return
+        self.writer.add_scalar("model/parameters", total, 0)
+        self.writer.add_scalar("model/trainable_parameters", trainable, 0)
+        self.writer.add_text("model", f"{trainable:,} of {total:,} parameters trainable "
+                                      f"({trainable / max(total, 1):.2%})", 0)
+
     def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
         """Scalars to TensorBoard and, as one JSON line, to metrics.jsonl (easy to grep, plot or
         compare across runs). Evaluation calls this directly: no progress bar update."""

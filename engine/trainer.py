@@ -196,7 +196,7 @@ class Trainer:
         if self.start_step == 0:
             eval_tags = [f"eval/{e.name}/loss" for e in self.eval_sets] + (["eval/loss"] if self.eval_sets else [])
             self.monitor.log_config(to_dict(cfg), metric_tags=("train/loss", *eval_tags))
-            self.monitor.log_scalars(0, {"model/parameters": self.n_params, "model/trainable_parameters": self.n_trainable})
+            self.monitor.log_model_size(self.n_trainable, self.n_params)
         self.save_schedule = SaveSchedule(cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
         self._install_signal_handlers()
 

@@ -113,3 +113,13 @@ def test_tensorboard_server_serves_the_scalars(finished_run):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait(timeout=10)
+
+
+def test_model_size_is_in_tensorboard_not_in_the_step_lines(finished_run):
+    run_dir, _ = finished_run
+    acc = _accumulator(run_dir / "tb")
+    (total,) = acc.Scalars("model/parameters")
+    (trainable,) = acc.Scalars("model/trainable_parameters")
+    assert trainable.value == total.value > 0  # full-parameter training
+    assert "model/text_summary" in acc.Tags()["tensors"]
+    assert all(line["step"] >= 1 for line in read_metrics(run_dir))
