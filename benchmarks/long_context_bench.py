@@ -64,6 +64,7 @@ def worker(args) -> None:
 
     from data_pipeline.schedule.collate import LoadedSample, collate_rows
     from data_pipeline.schedule.labels import IGNORE_INDEX, count_targets
+    from engine.jit_ops import remove_shm_buffer
     from engine.loss import CausalLMWithMaskedLoss, scaled_for_deepspeed
     from engine.sequence_parallel import SequenceParallelLayout, UlyssesAttention
     from engine.tiled_mlp import install_tiled_mlp
@@ -119,6 +120,8 @@ def worker(args) -> None:
         print("RESULT " + json.dumps(results), flush=True)
     if ulysses is not None:
         ulysses.restore()
+    dist.barrier()
+    remove_shm_buffer(rank)
     dist.destroy_process_group()
 
 

@@ -73,6 +73,7 @@ def worker(args) -> dict:
 
     from data_pipeline.schedule.labels import IGNORE_INDEX
     from engine.config import LoraConfig
+    from engine.jit_ops import remove_shm_buffer
     from engine.lora import apply_lora, parameter_counts
     from engine.loss import CausalLMWithMaskedLoss, scaled_for_deepspeed
 
@@ -110,6 +111,7 @@ def worker(args) -> dict:
     for _ in range(args.steps):
         step()
     seconds = time.perf_counter() - start
+    remove_shm_buffer(0)
     return {"side": args.side, "trainable": trainable, "total": total,
             "optimizer_state_bytes": optimizer_state_bytes(engine),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

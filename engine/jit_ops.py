@@ -74,3 +74,17 @@ def build_notices(ops: Iterable[str], root: Optional[Path] = None, prebuilt: Opt
     return [f"building DeepSpeed's {op} C++ op (first run only, ~1-2 min; cached in {root / op})"
             for op in uncached_ops(ops, root, prebuilt)]
 
+
+def remove_shm_buffer(rank: int) -> None:
+    """DeepSpeed's CPU shared-memory all-reduce leaves a 66 MiB file per rank in /dev/shm and never
+    removes it. Call after a final barrier: every peer has long mapped this rank's file, so
+    unlinking it frees the memory once the processes exit. (Not after an error: a peer still
+    starting up would wait for the file forever.)"""
+    port, addr = os.environ.get("MASTER_PORT"), os.environ.get("MASTER_ADDR")
+    if not port or not addr:
+        return
+    shm = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+    try:
+        shm.unlink()
+    except (FileNotFoundError, PermissionError):
+        pass

@@ -125,23 +125,10 @@ def _shutdown(clean: bool) -> None:
     if dist.is_initialized():
         if clean:
             dist.barrier()
-            _remove_shm_buffer(dist.get_rank())
+            from engine.jit_ops import remove_shm_buffer  # late, like every engine import here
+
+            remove_shm_buffer(dist.get_rank())
         dist.destroy_process_group()
-
-
-def _remove_shm_buffer(rank: int) -> None:
-    """DeepSpeed's CPU shared-memory all-reduce leaves a 66 MiB file per rank in /dev/shm and never
-    removes it. After the final barrier every peer has long mapped this rank's file, so unlinking
-    it frees the memory once the processes exit. (Not after an error: a peer still starting up
-    would wait for the file forever.)"""
-    port, addr = os.environ.get("MASTER_PORT"), os.environ.get("MASTER_ADDR")
-    if not port or not addr:
-        return
-    shm = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
-    try:
-        shm.unlink()
-    except (FileNotFoundError, PermissionError):
-        pass
 
 
 if __name__ == "__main__":
