@@ -147,6 +147,16 @@ class DataConfig:
     them. prepare reports the duplicates either way."""
     packing: bool = True
     """Pack several samples into one sequence (no attention across samples)."""
+    padding_free: bool = True
+    """Lay each micro-batch's samples end to end in one row, position ids restarting per sample,
+    with no attention mask: attention runs within each sample (engine/segment_attention.py), no
+    [L, L] mask is built and no padding is computed. Same loss and gradients as padded rows with
+    a block-diagonal mask (false), which eager attention needs."""
+    balance_micro_batches: bool = True
+    """Deal each global batch's rows to the ranks' micro-batches by token count (longest first, to
+    the lightest; data_pipeline/schedule/balance.py) rather than in schedule order, so that ranks
+    wait less for each other at every gradient reduction. The step trains the same samples either
+    way (same loss and gradients); only which rank computes which changes."""
     seed: int = 1234
     """Seed of the mixture schedule and shuffles."""
     prepared_dir: str = ""

@@ -285,6 +285,10 @@ class RunConfig:
         if sp > 1 and self.model.attn_implementation == "eager":
             raise ConfigError("model.attn_implementation: eager builds a dense [L, L] mask; sequence parallelism "
                               "(train.sequence_parallel > 1) needs sdpa or flash_attention_2")
+        if self.data.padding_free and self.model.attn_implementation == "eager":
+            raise ConfigError("data.padding_free: eager attention adds a dense [L, L] mask to the scores and cannot "
+                              "keep samples apart without it; set data.padding_free: false, or "
+                              "model.attn_implementation: sdpa")
         if not self.model.path and self.tokenizer.vocab_size < 300:
             raise ConfigError("tokenizer.vocab_size: a byte-level BPE needs >= 300 (256 bytes + specials)")
         if self.stages:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 # Dense bf16 peak TFLOP/s of one device, for MFU when log.peak_tflops is 0.
@@ -35,8 +36,20 @@ def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> 
     6N: each weight of a matmul does one multiply-add (2 FLOPs) per token forward and two backward
     (input and weight gradients). N must count matmul weights only (`matmul_parameters`): the input
     embedding is a table lookup. 12*L*h*s: per layer QK^T and AV are each 2*h*s FLOPs forward per
-    token, times 3 for forward + backward; the full s x s square, as the kernels compute it."""
+    token, times 3 for forward + backward, s the keys a token's square spans (`attention_context`)."""
     return 6.0 * n_params + 12.0 * n_layers * hidden * seq_len
+
+
+def attention_context(lengths: list, seq_len: int) -> float:
+    """The `s` of flops_per_token for samples that attend within themselves only (packed rows keep
+    samples apart; unpacked ones are single samples): a token of a sample of length l sees an l x l
+    square, so the token-weighted mean is sum(l^2) / sum(l). Counting the whole seq_len x seq_len
+    square of a packed row would credit work no kernel should do (MFU then overstated)."""
+    total = sum(float(np.asarray(x, dtype=np.float64).sum()) for x in lengths)
+    if total == 0:
+        return float(seq_len)
+    squares = sum(float(np.square(np.asarray(x, dtype=np.float64)).sum()) for x in lengths)
+    return min(float(seq_len), squares / total)
 
 
 def matmul_parameters(model: torch.nn.Module) -> int:

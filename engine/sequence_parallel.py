@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from engine.config import ConfigError
+from engine.segment_attention import segment_causal_attention
 
 
 @dataclass(frozen=True)
@@ -65,34 +64,6 @@ def check_heads(size: int, heads: int, kv_heads: int, where: str) -> None:
     if kv_heads % size and size % kv_heads:
         raise ConfigError(f"train.sequence_parallel={size} and the {kv_heads} key/value heads ({where}): one "
                           "must divide the other")
-
-
-def segment_causal_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                             attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
-                             scaling: Optional[float] = None, position_ids: Optional[torch.Tensor] = None,
-                             **kwargs) -> tuple[torch.Tensor, None]:
-    """Causal attention within each sample of a packed row, in the HF attention-function signature.
-
-    query [batch, heads, length, dim], key/value [batch, kv_heads, length, dim]; returns [batch,
-    length, heads, dim]. A sample starts where position_ids is 0; each runs its own causal SDPA, so
-    memory is quadratic in the longest sample, not the row, and no token sees another sample.
-    """
-    if position_ids is None:
-        raise ValueError("segment_causal_attention needs position_ids (they mark where each sample starts)")
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    p = dropout if module.training else 0.0
-    length = query.shape[2]
-    rows = []
-    for b in range(query.shape[0]):
-        starts = torch.nonzero(position_ids[b] == 0).flatten().tolist()
-        bounds = ([0] if not starts or starts[0] != 0 else []) + starts + [length]
-        pieces = [F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
-                                                 dropout_p=p, is_causal=True, scale=scaling)
-                  for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
-        rows.append(torch.cat(pieces, dim=2))
-    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
 
 
 class UlyssesAttention:

@@ -40,12 +40,14 @@ from engine.export import export_run
 from engine.loss import CausalLMWithMaskedLoss, scaled_for_deepspeed
 from engine.lora import apply_lora, parameter_counts
 from engine.model import DTYPES, build_model
+from engine.segment_attention import use_segment_attention
 from engine.sequence_parallel import SequenceParallelLayout, UlyssesAttention, activations_on_host
 from engine.tiled_mlp import install_tiled_mlp
 from engine.checkpointing.consumption import SourceConsumption
 from engine.evaluate import evaluate
 from engine.finished import finished_message, finished_summary, write_summary
-from engine.monitor import Monitor, flops_per_token, matmul_parameters, memory_scalars, mfu, quiet_library_logging
+from engine.monitor import (Monitor, attention_context, flops_per_token, matmul_parameters, memory_scalars, mfu,
+                            quiet_library_logging)
 from engine.nan_policy import step_was_skipped
 from engine.preflight import check_before_data, check_stages_before_data
 from engine.rules import check_epochs, check_rules_of_thumb, check_stage_rules
@@ -160,13 +162,18 @@ class Trainer:
         self.n_trainable, self.n_params = parameter_counts(wrapped)
         self.sp = SequenceParallelLayout.of(ranks.rank, ranks.world_size, cfg.train.sequence_parallel)
         self.ulysses = UlyssesAttention(wrapped.lm, self.sp.size, cfg.train.micro_batch_size) if self.sp.enabled else None
+        # Sequence-parallel rows stay rows (Ulysses cuts each one); its attention is segment-aware already.
+        self.padding_free = cfg.data.padding_free and not self.sp.enabled
+        if self.padding_free:
+            use_segment_attention(model)
         self.engine, self.ds_config = setup_engine(cfg, wrapped, ranks, self.repo_root, resume_source)
         self.zero_stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
         self.stream = SFTStream(
             sources, cfg.data.sources, seq_len=cfg.data.seq_len, global_batch_size=cfg.train.global_batch_size,
             micro_batch_size=cfg.train.micro_batch_size, rank=self.sp.group, world_size=self.sp.groups,
             seed=cfg.data.seed, packing=cfg.data.packing, pad_id=self.tokenizer.pad_token_id,
-            total_steps=cfg.train.max_steps, pad_multiple=self.sp.size,
+            total_steps=cfg.train.max_steps, pad_multiple=self.sp.size, padding_free=self.padding_free,
+            balance=cfg.data.balance_micro_batches,
         )
         self.source_names = [s.name for s in cfg.data.sources]
         self.consumption = SourceConsumption.from_quotas(self.source_names, self.stream.plan.quotas)
@@ -180,7 +187,7 @@ class Trainer:
             self.monitor.print(f"resumed from {resume_from} at step {self.start_step}")
         hf = model.config
         self.flops_tok = flops_per_token(matmul_parameters(model), hf.num_hidden_layers, hf.hidden_size,
-                                         cfg.data.seq_len)
+                                         attention_context([s.lengths for s in sources], cfg.data.seq_len))
         self.monitor.print(
             f"model: {self.n_params / 1e6:.2f}M parameters ({self.n_trainable / 1e6:.3f}M trainable, "
             f"{self.n_trainable / max(self.n_params, 1):.2%}), vocab {len(self.tokenizer)}, ZeRO-{self.zero_stage}, "
@@ -316,7 +323,8 @@ class Trainer:
         batches = eval_batches(self.eval_sets, rank=self.ranks.rank, world_size=self.ranks.world_size,
                                seq_len=self.cfg.data.seq_len,
                                micro_batch_size=self.cfg.eval.micro_batch_size or self.cfg.train.micro_batch_size,
-                               pad_id=self.tokenizer.pad_token_id, mask_format=self.stream.mask_format)
+                               pad_id=self.tokenizer.pad_token_id, mask_format=self.stream.mask_format,
+                               padding_free=self.padding_free)
         results = evaluate(self.engine, batches)
         if "eval/loss" in results:
             self.last_eval = (step, results["eval/loss"])

@@ -91,6 +91,14 @@ def collate_rows(rows: Sequence[Sequence[LoadedSample]], pad_to: int, pad_id: in
     )
 
 
+def collate_padding_free(rows: Sequence[Sequence[LoadedSample]], pad_id: int, pad_multiple: int = 1) -> MicroBatch:
+    """All samples of `rows` end to end in one row (padded only up to a multiple of `pad_multiple`),
+    no attention mask: the attention keeps samples apart from the restarting position ids."""
+    samples = [s for row in rows for s in row]
+    total = sum(len(s.input_ids) for s in samples)
+    return collate_rows([samples], -(-total // pad_multiple) * pad_multiple, pad_id, "none")
+
+
 def filler_batch(pad_id: int, mask_format: str = "bool") -> MicroBatch:
     """One row of one padding token and no target: a forward that adds (0, 0) to the loss sums
     (a rank whose share is used up runs these so that every rank runs the same forwards)."""

@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from data_pipeline.schedule.batch import MicroBatch
-from data_pipeline.schedule.collate import LoadedSample, collate_rows, filler_batch
+from data_pipeline.schedule.collate import LoadedSample, collate_padding_free, collate_rows, filler_batch
 from data_pipeline.schedule.packing import pack_next_fit
 from data_pipeline.spec import SampleSource, SourceSpec
 from data_pipeline.selection.split import split_source
@@ -58,7 +58,7 @@ def forwards_needed(lengths: np.ndarray, world_size: int, seq_len: int, micro_ba
 
 
 def rank_batches(source: SampleSource, *, rank: int, world_size: int, seq_len: int, micro_batch_size: int,
-                 pad_id: int, mask_format: str = "bool") -> Iterator[MicroBatch]:
+                 pad_id: int, mask_format: str = "bool", padding_free: bool = False) -> Iterator[MicroBatch]:
     """This rank's eval micro-batches, filler-padded to the number every rank runs. A generator:
     one micro-batch (and its [mb, 1, L, L] mask) in memory at a time, whatever the set's size."""
     lengths = np.asarray(source.lengths)
@@ -69,15 +69,16 @@ def rank_batches(source: SampleSource, *, rank: int, world_size: int, seq_len: i
         loaded = [[LoadedSample(0, i, *map(np.asarray, source.get(i))) for i in row] for row in chunk]
         pad_to = max(sum(len(s.input_ids) for s in row) for row in loaded)
         produced += 1
-        yield collate_rows(loaded, pad_to, pad_id, mask_format)
+        yield collate_padding_free(loaded, pad_id) if padding_free else collate_rows(loaded, pad_to, pad_id, mask_format)
     for _ in range(forwards_needed(lengths, world_size, seq_len, micro_batch_size) - produced):
-        yield filler_batch(pad_id, mask_format)
+        yield filler_batch(pad_id, "none" if padding_free else mask_format)
 
 
 def eval_batches(eval_sets: Sequence[EvalSet], *, rank: int, world_size: int, seq_len: int,
-                 micro_batch_size: int, pad_id: int,
-                 mask_format: str = "bool") -> list[tuple[str, Iterator[MicroBatch]]]:
+                 micro_batch_size: int, pad_id: int, mask_format: str = "bool",
+                 padding_free: bool = False) -> list[tuple[str, Iterator[MicroBatch]]]:
     """(name, this rank's micro-batches) per set, in order; the batches are read lazily."""
     return [(s.name, rank_batches(s.source, rank=rank, world_size=world_size, seq_len=seq_len,
-                                  micro_batch_size=micro_batch_size, pad_id=pad_id, mask_format=mask_format))
+                                  micro_batch_size=micro_batch_size, pad_id=pad_id, mask_format=mask_format,
+                                  padding_free=padding_free))
             for s in eval_sets]

@@ -8,8 +8,12 @@ sources only the samples of its own rows. Rank r owns the contiguous block of ro
 global batch whatever the world size.
 
 Without packing a row is one sample, padded to the longest sample of its micro-batch (not to
-seq_len: no compute spent on padding; shapes vary per micro-batch). With packing a row is seq_len
-tokens of whole samples (data_pipeline/schedule/packing.py).
+seq_len; shapes vary per micro-batch). With packing a row is seq_len tokens of whole samples
+(data_pipeline/schedule/packing.py). Padding-free (the trainer's default, data.padding_free), each
+micro-batch is instead one row holding all its rows' samples end to end: no padding, no mask.
+Which samples a micro-batch holds is the same either way. Balanced (data.balance_micro_batches),
+the global batch's rows are dealt to the ranks' micro-batches by their token counts (balance.py)
+instead of in schedule order: the same samples per step, so the same loss and gradients.
 
 Resume: the state is (step, schedule position where the next global batch starts) plus a
 fingerprint of the schedule inputs; loading it is O(1), no replay, and valid for any world size or
@@ -24,8 +28,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from data_pipeline.schedule.balance import balanced_rows
 from data_pipeline.schedule.batch import MicroBatch
-from data_pipeline.schedule.collate import LoadedSample, collate_rows
+from data_pipeline.schedule.collate import LoadedSample, collate_padding_free, collate_rows
 from data_pipeline.schedule.mixture import MixtureSchedule
 from data_pipeline.schedule.packing import PackedBatch, pack_global_batch
 from data_pipeline.schedule.run_length import RunPlan, plan_run
@@ -73,6 +78,8 @@ class SFTStream:
         total_steps: int,
         mask_format: str = "bool",
         pad_multiple: int = 1,
+        padding_free: bool = False,
+        balance: bool = False,
     ) -> None:
         if len(sources) != len(specs) or not sources:
             raise DataConfigError(f"data.sources: {len(specs)} specs but {len(sources)} prepared sources")
@@ -85,6 +92,8 @@ class SFTStream:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.packing, self.pad_id, self.total_steps, self.mask_format = packing, pad_id, total_steps, mask_format
         self.pad_multiple = pad_multiple  # rows cut into equal parts (sequence parallelism) pad to a multiple
+        self.padding_free = padding_free  # each micro-batch one row of its samples end to end (collate.py)
+        self.balance = balance  # rows dealt to micro-batches by tokens (balance.py), not in schedule order
         self._lengths = [np.asarray(s.lengths) for s in sources]  # views of the memory maps, no copy
         self._check_lengths(specs)
         self.plan: RunPlan = plan_run(
@@ -154,9 +163,15 @@ class SFTStream:
     def global_layout(self, position: int) -> PackedBatch:
         """Rows of schedule positions for the global batch starting at `position` (all ranks agree)."""
         if self.packing:
-            return pack_global_batch(position, self._length_at, self.global_batch_size, self.seq_len)
-        rows = tuple((position + j,) for j in range(self.global_batch_size))
-        return PackedBatch(position, position + self.global_batch_size, rows)
+            layout = pack_global_batch(position, self._length_at, self.global_batch_size, self.seq_len)
+        else:
+            rows = tuple((position + j,) for j in range(self.global_batch_size))
+            layout = PackedBatch(position, position + self.global_batch_size, rows)
+        if not self.balance:
+            return layout
+        tokens = [sum(self._length_at(p) for p in row) for row in layout.rows]
+        return PackedBatch(layout.start, layout.end, balanced_rows(layout.rows, tokens, self.world_size,
+                                                                   self.grad_accum, self.micro_batch_size))
 
     def _load(self, position: int) -> LoadedSample:
         source, index = self.schedule[position]
@@ -171,6 +186,9 @@ class SFTStream:
         micro_batches = []
         for j in range(self.grad_accum):
             rows = [[self._load(p) for p in row] for row in mine[j * self.micro_batch_size : (j + 1) * self.micro_batch_size]]
+            if self.padding_free:
+                micro_batches.append(collate_padding_free(rows, self.pad_id, self.pad_multiple))
+                continue
             pad_to = self.seq_len if self.packing else max(sum(len(s.input_ids) for s in row) for row in rows)
             pad_to = -(-pad_to // self.pad_multiple) * self.pad_multiple
             micro_batches.append(collate_rows(rows, pad_to, self.pad_id, self.mask_format))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from engine.checkpointing.consumption import SourceConsumption
-from engine.monitor import Monitor, flatten_for_hparams, flops_per_token, matmul_parameters, mfu
+from engine.monitor import Monitor, attention_context, flatten_for_hparams, flops_per_token, matmul_parameters, mfu
 
 H, I, L, V, KV_HEADS, HEADS = 64, 160, 3, 500, 2, 4
 
@@ -85,3 +86,10 @@ def test_consumption_shares_and_resume():
     other = SourceConsumption.from_quotas(["x", "b"], [1, 1])
     other.load_state_dict(c.state_dict())  # another mixture: counters start afresh
     assert other.samples == [0, 0]
+
+
+def test_attention_context_is_the_token_weighted_sample_length():
+    # samples of 2 and 6 tokens: 2 tokens see a 2-square, 6 tokens a 6-square -> (4 + 36) / 8
+    assert attention_context([np.array([2]), np.array([6])], seq_len=512) == pytest.approx(5.0)
+    assert attention_context([np.array([600, 700])], seq_len=512) == 512  # never beyond a row
+    assert attention_context([np.zeros(0)], seq_len=64) == 64

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from data_pipeline.schedule.collate import collate_rows
 from data_pipeline.schedule.labels import IGNORE_INDEX, count_targets, shift_labels
 from engine.config import ConfigError
-from engine.sequence_parallel import SequenceParallelLayout, check_heads, segment_causal_attention
+from engine.sequence_parallel import SequenceParallelLayout, check_heads
 from tests.engine import grad_probe, sp_probe
 from tests.engine.test_loss import REPO_ROOT, _assert_grads_match
 from tests.integration.tiny_run import free_port, launch_env
@@ -41,26 +41,6 @@ def test_a_shard_keeps_each_target_where_the_full_row_put_it():
     assert set(cuts[1].model_inputs()) == {"input_ids", "targets", "position_ids", "source_index"}
     with pytest.raises(ValueError, match="do not cut into 5 equal parts"):
         mb.sequence_shard(0, 5)
-
-
-@pytest.mark.parametrize("kv_heads", [4, 2])
-def test_segment_attention_equals_each_sample_alone(kv_heads):
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 4, 10, 8, generator=g, dtype=torch.float64)
-    k, v = (torch.randn(2, kv_heads, 10, 8, generator=g, dtype=torch.float64) for _ in range(2))
-    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2], list(range(10))])
-    module = torch.nn.Module()
-    module.num_key_value_groups = 4 // kv_heads
-    out, _ = segment_causal_attention(module, q, k, v, None, scaling=0.3, position_ids=positions)
-    k_all, v_all = k.repeat_interleave(4 // kv_heads, 1), v.repeat_interleave(4 // kv_heads, 1)
-    for b, segments in ((0, [(0, 4), (4, 7), (7, 10)]), (1, [(0, 10)])):
-        for s, e in segments:
-            want = F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k_all[b:b + 1, :, s:e], v_all[b:b + 1, :, s:e],
-                                                  is_causal=True, scale=0.3)
-            torch.testing.assert_close(out[b:b + 1, s:e], want.transpose(1, 2))
-    # and it differs from attending across samples: the check can fail
-    full = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=True, scale=0.3).transpose(1, 2)
-    assert (out[0] - full[0]).abs().max() > 1e-3
 
 
 def _reference(packed: bool) -> tuple[dict, float, int]:

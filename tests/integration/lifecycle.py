@@ -140,7 +140,9 @@ def losses_by_step(run_dir: Path) -> dict[int, float]:
 
 
 def global_sample_ids(run_dir: Path) -> dict[int, list[tuple[int, int]]]:
-    """step -> the global batch's (source, sample) ids in rank order, from the rank logs.
+    """step -> the global batch's (source, sample) ids, sorted, from the rank logs. Sorted: which
+    rank trains which sample of a global batch depends on the geometry (data.balance_micro_batches
+    deals rows by tokens), the samples of the step do not.
 
     Appended logs hold every attempt; the attempt that counts for a step is the last one, and a
     step's batch is complete when it has one record per rank of that attempt's world size.
@@ -156,7 +158,7 @@ def global_sample_ids(run_dir: Path) -> dict[int, list[tuple[int, int]]]:
         # A 1-rank attempt after a 2-rank one leaves a stale rank-1 record: keep the ranks of the
         # attempt recorded by rank 0, which every attempt has.
         world = by_rank[0]["world_size"]
-        out[step] = [tuple(x) for r in range(world) for x in by_rank[r]["ids"]] if all(
+        out[step] = sorted(tuple(x) for r in range(world) for x in by_rank[r]["ids"]) if all(
             r in by_rank for r in range(world)) else []
     return out
 

@@ -156,3 +156,22 @@ def test_resume_far_into_the_run_does_not_replay():
     ids = consumed_sample_ids(stream.next_step())
     assert time.perf_counter() - started < 1.0
     assert stream.step == 10**9 + 1 and stream.position > 10**11 and ids
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_padding_free_micro_batches_hold_the_same_samples_in_one_row(packing):
+    sources, specs = fake_sources([23, 57, 9])
+    padded = make_stream(sources, specs, world=2, mb=2, packing=packing)
+    free = SFTStream(sources, specs, seq_len=SEQ, global_batch_size=GBS, micro_batch_size=2, rank=0, world_size=2,
+                     seed=5, packing=packing, pad_id=0, total_steps=20, padding_free=True, pad_multiple=4)
+    for _ in range(3):
+        for want, got in zip(padded.next_step(), free.next_step()):
+            assert got.attention_mask is None and got.input_ids.shape[0] == 1 and got.input_ids.shape[1] % 4 == 0
+            assert got.sample_ids == [[s for row in want.sample_ids for s in row]]
+            real = want.source_index >= 0
+            n = int(real.sum())
+            assert torch.equal(got.input_ids[0, :n], want.input_ids[real])
+            assert torch.equal(got.labels[0, :n], want.labels[real])
+            assert torch.equal(got.position_ids[0, :n], want.position_ids[real])
+            assert (got.labels[0, n:] == -100).all() and (got.source_index[0, n:] == -1).all()
+    assert free.state_dict()["position"] == padded.state_dict()["position"]
