@@ -23,6 +23,7 @@ setup(
         "deepspeed==0.19.8",
         "transformers>=5.0,<6",
         "tokenizers>=0.22",
+        "tiktoken>=0.14",
         "safetensors>=0.5",
         "datasets>=3.0",
         "tensorboard>=2.15",

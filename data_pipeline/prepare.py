@@ -18,7 +18,8 @@ Guarantees:
     (worker_pool.py); the next run starts clean;
   * deterministic: sample i of a source is the i-th kept sample in input order, whatever num_proc.
 Readers run in the main process (they only split bytes); decoding, parsing, rendering,
-tokenizing and shard writing run in the worker pool, one chunk -> one shard.
+tokenizing and shard writing run in the worker pool (and in this process whenever the pool has
+enough chunks in flight; inputs under SMALL_INPUT_BYTES run here alone), one chunk -> one shard.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import numpy as np
 
 from data_pipeline.ingest.demo_data import materialize_builtin
 from data_pipeline.render.encoding import EncodeSettings
+from data_pipeline.render.fast_bpe import ENGINE_FAST, ENGINE_HF, fast_bpe_plan
 from data_pipeline.errors import DataError, SourceRejected
 from data_pipeline.store.fingerprint import duplicate_count
 from data_pipeline.ingest.formats import detect_format
@@ -58,6 +60,9 @@ from data_pipeline.store.worker_pool import run_ordered, start_method
 CHUNK_RECORDS = 1024
 """Records per worker task and per shard: large enough to amortise IPC and batch tokenization,
 small enough that the last tasks of a run leave no worker idle for long."""
+SMALL_INPUT_BYTES = 256 * 1024
+"""Inputs smaller than this in all (a chunk or two of records) are prepared in this process: a
+worker pool would cost more to start than it saves."""
 DETECT_LOOKAHEAD = 64
 """format=auto looks at up to this many leading records for one it recognises."""
 
@@ -69,6 +74,18 @@ def resolve_num_proc(requested: int) -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def _input_bytes(builds) -> int:
+    """Total size of the builds' input files; remote or unreadable ones count as large."""
+    total = 0
+    for build in builds:
+        for file in build.manifest["files"]:
+            try:
+                total += SMALL_INPUT_BYTES if is_url(file) else os.path.getsize(file)
+            except OSError:
+                total += SMALL_INPUT_BYTES
+    return total
 
 
 def _resolve_path(spec: SourceSpec, out_dir: Path) -> str:
@@ -246,16 +263,20 @@ def _plan(spec: SourceSpec, data_cfg: DataConfig, tokenizer, out_dir: str | Path
     clean_stale_temps(local_dir, spec.name)
     tmp = local_dir / temp_folder_name(spec.name)
     tmp.mkdir()
+    tokenizer_json = tokenizer.backend_tokenizer.to_str()
+    fast_plan, not_fast = fast_bpe_plan(tokenizer_json)
     job = ChunkJob(
-        tokenizer_json=tokenizer.backend_tokenizer.to_str(), template=source_template_spec(spec, data_cfg, tokenizer),
+        tokenizer_json=tokenizer_json, template=source_template_spec(spec, data_cfg, tokenizer),
         settings=EncodeSettings(data_cfg.seq_len, source_train_on(spec, data_cfg), data_cfg.truncation, eos or ""),
         fmt=fmt, text_field=spec.text_field, strict=data_cfg.on_error == "strict", folder=str(tmp),
-        token_dtype=token_dtype(vocab_size).str, eos_id=tokenizer.convert_tokens_to_ids(eos) if eos else None)
+        token_dtype=token_dtype(vocab_size).str, eos_id=tokenizer.convert_tokens_to_ids(eos) if eos else None,
+        fast_bpe=fast_plan)
     manifest = {
         "format_version": FORMAT_VERSION, "source": spec.name, "files": files, "input_checksum": checksum,
         "input_checksum_kind": "size+mtime (content hash where the store reports no mtime)",
         "tokenizer_fingerprint": fingerprint, "vocab_size": vocab_size, "token_dtype": job.token_dtype,
         "detected_format": fmt, "settings": settings,
+        "encoder": {"engine": ENGINE_FAST} if fast_plan else {"engine": ENGINE_HF, "why_not_fast": not_fast},
     }
     return _SourceBuild(spec, final, data_cfg.cache_dir, job, itertools.chain(peeked, records), manifest, start_time,
                         SourceReport(spec.name, reused=False, files=files, detected_format=fmt))
@@ -285,8 +306,10 @@ def _prepare_all(specs: list[SourceSpec], data_cfg: DataConfig, tokenizer, out_d
             with tqdm(desc="prepare " + ",".join(builds), unit="rec", disable=not show_progress,
                       file=sys.stderr) as progress:
                 current = None
-                for result in _run_chunks(jobs, tasks, resolve_num_proc(num_proc or data_cfg.num_proc), method,
-                                          progress):
+                workers = resolve_num_proc(num_proc or data_cfg.num_proc)
+                if _input_bytes(builds.values()) < SMALL_INPUT_BYTES:
+                    workers = 1
+                for result in _run_chunks(jobs, tasks, workers, method, progress):
                     if current is not None and result.source != current:
                         _finish(current, builds, done, keys, data_cfg)  # results come in source order
                     current = result.source

@@ -27,9 +27,6 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
-import fsspec
-from fsspec.core import url_to_fs
-from fsspec.utils import infer_compression
 
 from data_pipeline.errors import DataError, MalformedInputError, SourceRejected
 
@@ -79,6 +76,8 @@ def file_kind(path: str) -> str:
 
 def list_files(path: str) -> list[str]:
     """Expand a file, folder (recursively) or glob into sorted fsspec URLs of data files."""
+    from fsspec.core import url_to_fs  # imported here: prepare's workers need none of fsspec
+
     fs, root = url_to_fs(path)
     if any(c in root for c in _GLOB_CHARS):
         found = fs.glob(root)
@@ -100,6 +99,8 @@ def input_checksum(files: list[str]) -> str:
     fingerprinted by (name, size, mtime/ETag) without reading them; stores that report neither
     (e.g. memory://) are hashed by content. Consequence: an in-place edit that keeps size and
     mtime is not noticed (touch the file, or delete the prepared folder, to force a rebuild)."""
+    from fsspec.core import url_to_fs
+
     digest = hashlib.sha256()
     for url in files:
         fs, p = url_to_fs(url)
@@ -135,6 +136,9 @@ def _read_bytes(url: str) -> bytes:
     """The file's bytes, decompressed (.gz, .zst), without a UTF-8 byte order mark. A corrupt or
     truncated compressed file is an error naming the file, in every on_error mode: its records
     cannot even be counted."""
+    import fsspec
+    from fsspec.utils import infer_compression
+
     with fsspec.open(url, "rb") as f:
         raw = f.read()
     compression = infer_compression(url)
@@ -344,6 +348,7 @@ def _iter_text_lines(url: str, data: bytes) -> Iterator[RawRecord]:
 
 
 def _iter_parquet(url: str) -> Iterator[RawRecord]:
+    import fsspec
     import pyarrow.parquet as pq
 
     row = 0

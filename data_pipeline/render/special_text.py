@@ -83,12 +83,16 @@ class SpecialTextGuard:
         # Longest first: at one position the regex then matches like the tokenizer (leftmost-longest).
         ordered = sorted(self.special_texts, key=len, reverse=True)
         self.pattern = re.compile("|".join(re.escape(t) for t in ordered)) if ordered else None
+        self._joinable = not any("\0" in t for t in self.special_texts)
         self._placeholder = {t: chr(PLACEHOLDER_BASE + k) for k, t in enumerate(self.special_texts)}
         self._original = {v: k for k, v in self._placeholder.items()}
 
     def needs_escape(self, conv: Conversation) -> bool:
-        search = self.pattern.search if self.pattern is not None else None
-        return search is not None and any(search(text) for text in _conversation_strings(conv))
+        if self.pattern is None:
+            return False
+        if self._joinable:  # one search over all strings: no match can span the separator
+            return self.pattern.search("\0".join(_conversation_strings(conv))) is not None
+        return any(self.pattern.search(text) for text in _conversation_strings(conv))
 
     def escape(self, conv: Conversation) -> Conversation:
         def escape_text(text: str) -> str:

@@ -5,6 +5,9 @@ Rust tokenizer (offsets included), masked, truncated and written as one shard. W
 bare `tokenizers.Tokenizer` rebuilt from its JSON (cheap to ship, no transformers object to
 pickle) and the template rebuilt (and compiled) once from its TemplateSpec.
 
+Byte-level BPE tokenizers that render/fast_bpe.py proves equivalent are encoded with its fast
+encoder instead (same ids, same offsets); the HF tokenizer is then built only if a text needs it.
+
 Special-token text inside the data is plain text (special_text.py): documents are encoded with
 special-token matching off; the rare conversation whose data spells a special token is encoded
 piecewise around the template's own special tokens; all others go through the batch call.
@@ -26,6 +29,7 @@ from data_pipeline.store.fingerprint import sample_fingerprint
 from data_pipeline.ingest.formats import Conversation, TextDocument, parse_record
 from data_pipeline.ingest.readers import RawRecord, decode_payload
 from data_pipeline.store.shards import ShardWriter
+from data_pipeline.render.fast_bpe import FastBPE, FastBPEPlan, NotCovered, PlainAdapter
 from data_pipeline.render.special_text import GuardedTemplate, encode_guarded, special_token_ids
 from data_pipeline.render.reasoning import render_samples
 from data_pipeline.render.templates import ChatTemplate, Rendered, TemplateSpec, build_template
@@ -64,6 +68,8 @@ class ChunkJob:
     folder: str
     token_dtype: str
     eos_id: Optional[int]
+    fast_bpe: Optional[FastBPEPlan] = None
+    """Set when the tokenizer is eligible for the fast encoder (fast_bpe.fast_bpe_plan)."""
 
 
 ChunkTask = tuple[str, int, list[RawRecord]]
@@ -100,17 +106,39 @@ class ChunkTokenizer:
     """Turns chunks of raw records into shards; one instance per worker process."""
 
     def __init__(self, job: ChunkJob, job_name: str = "") -> None:
-        from tokenizers import Tokenizer
-
         self.job = job
         self.job_name = job_name
-        self.tokenizer = Tokenizer.from_str(job.tokenizer_json)
-        self.plain_tokenizer = Tokenizer.from_str(job.tokenizer_json)
-        self.plain_tokenizer.encode_special_tokens = True  # every special-token string is split as text
+        self.fast = FastBPE(job.fast_bpe) if job.fast_bpe is not None else None
+        self._hf: dict[bool, object] = {}
         self.template: ChatTemplate = build_template(job.template)
         guarded = isinstance(self.template, GuardedTemplate)
         self.guard = self.template.guard if guarded else None
-        self.special_ids = special_token_ids(self.tokenizer, self.guard.special_texts) if guarded else {}
+        self.special_ids = special_token_ids(self._vocab(), self.guard.special_texts) if guarded else {}
+
+    def _vocab(self):
+        """Something with token_to_id: the fast encoder's added tokens when they hold every id asked
+        for, else the HF tokenizer."""
+        if self.fast is not None and self.guard is not None and all(t in self.fast.added_ids
+                                                                     for t in self.guard.special_texts):
+            return self.fast
+        return self.tokenizer
+
+    def _hf_tokenizer(self, plain: bool):
+        if plain not in self._hf:
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_str(self.job.tokenizer_json)
+            tokenizer.encode_special_tokens = plain  # plain: every special-token string is split as text
+            self._hf[plain] = tokenizer
+        return self._hf[plain]
+
+    @property
+    def tokenizer(self):
+        return self._hf_tokenizer(False)
+
+    @property
+    def plain_tokenizer(self):
+        return self._hf_tokenizer(True)
 
     def _skip(self, result: ChunkResult, err: DataError, record: RawRecord) -> None:
         if not err.file:
@@ -156,16 +184,40 @@ class ChunkTokenizer:
             if rendered is None:
                 documents.append((i, sample.text))
             elif rendered.literal_spans:
-                out[i] = encode_guarded(self.plain_tokenizer, rendered.text, rendered.literal_spans, self.guard,
-                                        self.special_ids)
+                out[i] = self._encode_guarded(rendered)
             else:
                 conversations.append((i, rendered.text))
-        for batch, tokenizer in ((conversations, self.tokenizer), (documents, self.plain_tokenizer)):
+        for batch, plain in ((conversations, False), (documents, True)):
             if batch:
-                encodings = tokenizer.encode_batch([text for _, text in batch], add_special_tokens=False)
-                for (i, _), enc in zip(batch, encodings):
-                    out[i] = (enc.ids, enc.offsets if tokenizer is self.tokenizer else ())  # documents need no offsets
+                for (i, _), (ids, offsets) in zip(batch, self._encode_batch([text for _, text in batch], plain)):
+                    out[i] = (ids, () if plain else offsets)  # documents need no offsets
         return out
+
+    def _encode_batch(self, texts: list[str], plain: bool) -> list:
+        if self.fast is not None:
+            try:
+                return self.fast.encode_batch(texts, match_special=not plain)
+            except NotCovered:  # a pre-tokenizer pattern that skips characters: those texts go to HF
+                return [self._encode_one(text, plain) for text in texts]
+        encodings = self._hf_tokenizer(plain).encode_batch(texts, add_special_tokens=False)
+        return [(enc.ids, enc.offsets) for enc in encodings]
+
+    def _encode_one(self, text: str, plain: bool):
+        try:
+            return self.fast.encode(text, match_special=not plain)
+        except NotCovered:
+            enc = self._hf_tokenizer(plain).encode(text, add_special_tokens=False)
+            return enc.ids, enc.offsets
+
+    def _encode_guarded(self, rendered: Rendered):
+        if self.fast is not None:
+            try:
+                return encode_guarded(PlainAdapter(self.fast), rendered.text, rendered.literal_spans, self.guard,
+                                      self.special_ids)
+            except NotCovered:
+                pass
+        return encode_guarded(self.plain_tokenizer, rendered.text, rendered.literal_spans, self.guard,
+                              self.special_ids)
 
     def run(self, shard_id: int, records: list[RawRecord]) -> ChunkResult:
         result = ChunkResult(self.job_name, shard_id, len(records))

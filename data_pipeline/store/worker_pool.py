@@ -18,7 +18,7 @@ import types
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Iterator
 
 from data_pipeline.errors import WorkerDied
@@ -27,6 +27,8 @@ from data_pipeline.store.tokenize_chunk import ChunkJob, ChunkResult, ChunkTask,
 TASKS_PER_WORKER_IN_FLIGHT = 2
 """Chunks submitted ahead per worker: enough that no worker waits for the reader, few enough that
 the records held in memory stay bounded."""
+MAX_HELD_RESULTS = 64
+"""Finished chunks held back at most while an older one is still running (results leave in order)."""
 
 
 def start_method() -> str:
@@ -88,10 +90,41 @@ def _how_workers_ended(processes: list) -> str:
     return ", ".join(sorted(set(codes))) + hint
 
 
+def _ready() -> None:
+    """A no-op task: submitting one starts a worker."""
+
+
+def _start_all(pool: ProcessPoolExecutor, num_proc: int, method: str) -> None:
+    """Start every worker now, while __main__ is hidden. With spawn, ProcessPoolExecutor starts
+    workers lazily, one per submit that finds no idle worker, so later submits would start workers
+    that re-import the caller's main script. Each no-op submit here finds no idle worker (none
+    has started yet), so num_proc of them start all num_proc workers; later submits start none."""
+    with main_module_hidden(method):
+        for _ in range(num_proc):
+            pool.submit(_ready)
+        for _ in range(4 * num_proc):  # a worker already idle took one (it cannot have, in practice)
+            if len(getattr(pool, "_processes", None) or {}) >= num_proc:
+                break
+            pool.submit(_ready)
+
+
+def _run_here(task: ChunkTask) -> Future:
+    """A chunk run in this process, as a finished future (its error, if any, raised in order)."""
+    future: Future = Future()
+    try:
+        future.set_result(run_chunk(task))
+    except Exception as err:  # re-raised by future.result(), in input order (strict mode's first error first)
+        future.set_exception(err)
+    return future
+
+
 def run_ordered(jobs: dict[str, ChunkJob], tasks: Iterator[ChunkTask], num_proc: int, method: str
                 ) -> Iterator[ChunkResult]:
-    """Results of `tasks` in input order, from `num_proc` worker processes started with `method`.
-    A worker that dies raises WorkerDied for the oldest unfinished chunk within moments."""
+    """Results of `tasks` in input order, from `num_proc` worker processes started with `method`
+    and from this process: whenever the workers have TASKS_PER_WORKER_IN_FLIGHT chunks each in
+    flight (and while they start: a spawned worker needs a second or so), this process runs the
+    next chunk itself instead of waiting. A worker that dies raises WorkerDied for the oldest
+    unfinished chunk within moments."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the pool is the parallelism
     pool = ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context(method), initializer=init_worker,
                                initargs=(jobs,))
@@ -99,19 +132,22 @@ def run_ordered(jobs: dict[str, ChunkJob], tasks: Iterator[ChunkTask], num_proc:
     processes: dict[int, object] = {}
     window = max(1, num_proc * TASKS_PER_WORKER_IN_FLIGHT)
     try:
+        _start_all(pool, num_proc, method)
+        init_worker(jobs)  # this process takes chunks too
         for task in tasks:
-            try:
-                # Spawned workers all start on the first submit; later submits start none.
-                with main_module_hidden(method) if not pending else nullcontext():
+            if sum(not future.done() for _, future in pending) >= window:
+                pending.append((task, _run_here(task)))
+            else:
+                try:
                     future = pool.submit(run_chunk, task)
-            except BrokenProcessPool:
-                pool.shutdown(wait=True, cancel_futures=True)
-                while pending:  # chunks finished before the break still count; the first unfinished raises
-                    yield _result(pending, processes, pool)
-                raise _worker_died(task, [], processes) from None
-            pending.append((task, future))
+                except BrokenProcessPool:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    while pending:  # chunks finished before the break still count; the first unfinished raises
+                        yield _result(pending, processes, pool)
+                    raise _worker_died(task, [], processes) from None
+                pending.append((task, future))
             processes.update(getattr(pool, "_processes", None) or {})  # kept to tell how a dead worker ended
-            while len(pending) >= window:
+            while pending and (pending[0][1].done() or len(pending) >= MAX_HELD_RESULTS):
                 yield _result(pending, processes, pool)
         while pending:
             yield _result(pending, processes, pool)

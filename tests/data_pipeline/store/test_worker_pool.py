@@ -97,3 +97,32 @@ print("prepared", len(source))
                           env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "prepared 3000"
+
+
+def test_spawned_workers_never_run_the_callers_main_script(tokenizer_dir, tmp_path):
+    """ProcessPoolExecutor starts spawned workers one per submit; every one of them, not only the
+    first, must start while __main__ is hidden, or it re-runs the caller's script (a training script:
+    seconds of imports; one without a main guard: a RuntimeError in the worker). Many chunks, so
+    that later submits would start workers."""
+    src = write_records(tmp_path / "a.jsonl", 6000)
+    runs = tmp_path / "runs.txt"
+    script = tmp_path / "no_guard_many_chunks.py"
+    script.write_text(f"""
+import threading, time
+open({str(runs)!r}, "a").write("ran\\n")  # once per execution of this script
+from transformers import AutoTokenizer
+from data_pipeline.prepare import prepare_sources
+from data_pipeline.spec import DataConfig, SourceSpec
+
+threading.Thread(target=time.sleep, args=(60,), daemon=True).start()  # threads: workers are spawned
+tokenizer = AutoTokenizer.from_pretrained({str(tokenizer_dir)!r})
+cfg = DataConfig(sources=[SourceSpec(name="a", path={str(src)!r})], template="chatml", num_proc=2)
+(source,) = prepare_sources(cfg, tokenizer, {str(tmp_path / "out")!r}, show_progress=False, num_proc=2)
+print("prepared", len(source))
+""")
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "prepared 6000"
+    assert runs.read_text() == "ran\n", "a worker ran the caller's main script"
