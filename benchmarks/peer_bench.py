@@ -384,6 +384,9 @@ def time_ours_prepare(data_file: str, model: str, out: str) -> None:
     from data_pipeline.prepare import prepare_sources
     from data_pipeline.render.tokenizer import load_tokenizer
     from data_pipeline.spec import DataConfig, SourceSpec
+    # Imports stay outside the timing, as the peer's (llamafactory has imported these already):
+    # AutoTokenizer on a model directory imports the model's config class, and with it torch.
+    from transformers import AutoTokenizer, LlamaConfig  # noqa: F401
 
     start = time.perf_counter()
     tokenizer = load_tokenizer(model)

@@ -220,7 +220,7 @@ class FastBPE:
 
         self.encoding = tiktoken.Encoding("prepare-fast-bpe", pat_str=plan.pattern,
                                           mergeable_ranks=plan.mergeable_ranks, special_tokens={})
-        self._encode_ordinary = self.encoding._core_bpe.encode_ordinary
+        self._encode_ordinary = self.encoding.encode_ordinary
         size = max([*plan.mergeable_ranks.values(), *(i for _, i, _, _ in plan.added)]) + 1
         self.byte_length = np.zeros(size, dtype=np.int64)
         for raw, token_id in plan.mergeable_ranks.items():
