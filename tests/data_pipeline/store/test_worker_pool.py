@@ -74,39 +74,12 @@ def test_a_killed_worker_fails_prepare_promptly_and_the_next_run_finishes(tokeni
     assert "6000 kept" in capsys.readouterr().out
 
 
-def test_prepare_from_a_script_without_main_guard_does_not_hang(tokenizer_dir, tmp_path):
-    """Spawned workers re-import the main script; one without `if __name__ == "__main__":` used to
-    re-run prepare in every worker and hang the pool."""
-    src = write_records(tmp_path / "a.jsonl", 3000)
-    tok = tokenizer_dir
-    script = tmp_path / "no_guard.py"
-    script.write_text(f"""
-import threading, time
-from transformers import AutoTokenizer
-from data_pipeline.prepare import prepare_sources
-from data_pipeline.spec import DataConfig, SourceSpec
-
-threading.Thread(target=time.sleep, args=(60,), daemon=True).start()  # threads: workers are spawned
-tokenizer = AutoTokenizer.from_pretrained({str(tok)!r})
-cfg = DataConfig(sources=[SourceSpec(name="a", path={str(src)!r})], template="chatml", num_proc=2)
-(source,) = prepare_sources(cfg, tokenizer, {str(tmp_path / "out")!r}, show_progress=False)
-print("prepared", len(source))
-""")
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          env=env)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "prepared 3000"
-
-
-def test_spawned_workers_never_run_the_callers_main_script(tokenizer_dir, tmp_path):
-    """ProcessPoolExecutor starts spawned workers one per submit; every one of them, not only the
-    first, must start while __main__ is hidden, or it re-runs the caller's script (a training script:
-    seconds of imports; one without a main guard: a RuntimeError in the worker). Many chunks, so
-    that later submits would start workers."""
-    src = write_records(tmp_path / "a.jsonl", 6000)
+def _run_script_without_main_guard(tmp_path, tokenizer_dir, records: int, num_proc: str = ""):
+    """A script with no `if __name__ == "__main__":` guard that prepares `records` records with 2
+    processes while it runs a thread (so workers are spawned); returns (run, times it ran)."""
+    src = write_records(tmp_path / "a.jsonl", records)
     runs = tmp_path / "runs.txt"
-    script = tmp_path / "no_guard_many_chunks.py"
+    script = tmp_path / "no_guard.py"
     script.write_text(f"""
 import threading, time
 open({str(runs)!r}, "a").write("ran\\n")  # once per execution of this script
@@ -117,12 +90,29 @@ from data_pipeline.spec import DataConfig, SourceSpec
 threading.Thread(target=time.sleep, args=(60,), daemon=True).start()  # threads: workers are spawned
 tokenizer = AutoTokenizer.from_pretrained({str(tokenizer_dir)!r})
 cfg = DataConfig(sources=[SourceSpec(name="a", path={str(src)!r})], template="chatml", num_proc=2)
-(source,) = prepare_sources(cfg, tokenizer, {str(tmp_path / "out")!r}, show_progress=False, num_proc=2)
+(source,) = prepare_sources(cfg, tokenizer, {str(tmp_path / "out")!r}, show_progress=False{num_proc})
 print("prepared", len(source))
 """)
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env=env)
+    return done, runs.read_text().count("ran\n") if runs.exists() else 0
+
+
+def test_prepare_from_a_script_without_main_guard_does_not_hang(tokenizer_dir, tmp_path):
+    """Spawned workers re-import the main script; one without `if __name__ == "__main__":` used to
+    re-run prepare in every worker and hang the pool."""
+    done, _ = _run_script_without_main_guard(tmp_path, tokenizer_dir, 3000)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "prepared 3000"
+
+
+def test_spawned_workers_never_run_the_callers_main_script(tokenizer_dir, tmp_path):
+    """ProcessPoolExecutor starts spawned workers one per submit; every one of them, not only the
+    first, must start while __main__ is hidden, or it re-runs the caller's script (a training script:
+    seconds of imports; one without a main guard: a RuntimeError in the worker). Many chunks, so
+    that later submits would start workers."""
+    done, runs = _run_script_without_main_guard(tmp_path, tokenizer_dir, 6000, num_proc=", num_proc=2")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "prepared 6000"
-    assert runs.read_text() == "ran\n", "a worker ran the caller's main script"
+    assert runs == 1, "a worker ran the caller's main script"
