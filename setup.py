@@ -18,6 +18,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["launcher", "launcher.*", "engine", "engine.*",
                                     "data_pipeline", "data_pipeline.*"]),
+    package_data={"engine.kernels.cpu": ["*.cpp"]},
     install_requires=[
         TORCH,
         "deepspeed==0.19.8",

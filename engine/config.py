@@ -82,6 +82,11 @@ class ModelConfig:
     """Attention kernel: sdpa, eager, or flash_attention_2 (GPU)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    fused_layers: str = "auto"
+    """auto, required or disabled: RMSNorm, the SwiGLU gate and rotary embedding as one fused
+    kernel each (Llama, Mistral, Qwen2, Qwen3). auto: the C++ CPU kernels for float32 runs on CPU
+    (built on first use, cached), the model as it is elsewhere; required: an error where they
+    cannot be used."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapters instead of full-parameter training (on when lora.r > 0)."""
 
@@ -269,6 +274,7 @@ class RunConfig:
         for key in ("checkpoint.keep_best", "checkpoint.every_steps", "checkpoint.every_minutes"):
             if _get(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {_get(self, key)}")
+        _one_of("model.fused_layers", self.model.fused_layers, ("auto", "required", "disabled"))
         _one_of("log.deepspeed_log_level", self.log.deepspeed_log_level, ("debug", "info", "warning", "error"))
         for key in ("eval.every_steps", "eval.micro_batch_size"):
             if _get(self, key) < 0:

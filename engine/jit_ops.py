@@ -10,34 +10,17 @@ Python and torch build). `uncached_ops` tells which of the ops a run needs are n
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Iterable, Optional
 
 import deepspeed.ops
-import torch
 from deepspeed.git_version_info import installed_ops as DS_INSTALLED_OPS
-from torch.utils.cpp_extension import get_default_build_root
+
+from engine.kernels.cpu.extension import extensions_root
 
 SHM_COMM_OP = "deepspeed_shm_comm"
 CPU_ADAM_OP = "cpu_adam"
 FUSED_ADAM_OP = "fused_adam"
-
-
-def extensions_root() -> Path:
-    """Where torch's JIT loader keeps built extensions (its own rule: TORCH_EXTENSIONS_DIR, else a
-    per-Python, per-accelerator folder under the user cache)."""
-    explicit = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if explicit:
-        return Path(explicit)
-    if torch.version.hip is not None:
-        accelerator = f"rocm{torch.version.hip.replace('.', '')}"
-    elif torch.version.cuda is not None:
-        accelerator = f"cu{torch.version.cuda.replace('.', '')}"
-    else:
-        accelerator = "cpu"
-    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
-    return Path(get_default_build_root()) / f"{python}_{accelerator}"
 
 
 def is_cached(op: str, root: Path) -> bool:

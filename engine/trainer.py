@@ -45,6 +45,7 @@ from engine.sequence_parallel import SequenceParallelLayout, UlyssesAttention, a
 from engine.tiled_mlp import install_tiled_mlp
 from engine.checkpointing.consumption import SourceConsumption
 from engine.evaluate import evaluate
+from engine.fused_layers import install_fused_layers
 from engine.finished import finished_message, finished_summary, write_summary
 from engine.monitor import (Monitor, attention_context, flops_per_token, matmul_parameters, memory_scalars, mfu,
                             quiet_library_logging)
@@ -153,6 +154,9 @@ class Trainer:
             for warning in eval_overlap_warnings(sources, [(e.name, e.source) for e in self.eval_sets]):
                 print(f"warning: {warning}", flush=True)
         model = build_model(cfg.model, self.tokenizer, seed=cfg.train.seed)
+        fused = install_fused_layers(model, cfg.model.fused_layers, on_cuda=torch.cuda.is_available(),
+                                     dtype=cfg.model.dtype, say=self.monitor.print)
+        self.monitor.print(fused.describe())
         wrapped = CausalLMWithMaskedLoss(model, num_sources=len(sources), backend=cfg.train.loss_backend,
                                          strategy=cfg.train.loss_strategy)
         if cfg.model.lora.enabled:  # after the fused head is in place: PEFT wraps the final modules

@@ -85,6 +85,9 @@ def test_one_console_voice(finished_run):
     rank_info = [line for line in proc.stdout.splitlines()
                  if "[INFO]" in line and not any(f"[{f}:" in line for f in ("launch.py", "runner.py"))]
     assert rank_info == []
+    # the float32 CPU run trains with the fused layer kernels, and says so once
+    fused = [line for line in proc.stderr.splitlines() if line.startswith("fused layers: ")]
+    assert len(fused) == 1 and "RMSNorm" in fused[0] and fused[0].endswith("(CPU kernels)"), fused
 
 
 def test_tensorboard_server_serves_the_scalars(finished_run):
