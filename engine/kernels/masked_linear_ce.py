@@ -27,6 +27,8 @@ import torch
 from engine.kernels.contract import (ChunkedResult, KernelArgumentError, NeededGrads, check_arguments, kept_groups_of,
                                      resolve_backend, select_kept_rows)
 from engine.kernels.mixed_precision_matmul import addmm_fp32_, matmul_operand, mm_fp32_into
+from engine.kernels.cpu.extension import loaded_body_ops
+from engine.kernels.cpu.linear import COLUMNS, INNER, ROWS, gemm_into
 from engine.kernels.row_cross_entropy_torch import row_cross_entropy_torch_
 from engine.kernels.vocab_blocked_ce import default_block_columns, vocab_blocked_cross_entropy
 
@@ -115,10 +117,11 @@ def chunked_cross_entropy(
     logits_storage = torch.empty(
         min(chunk_rows, kept_rows.numel()) * weight.shape[0], dtype=torch.float32, device=hidden.device
     )
+    onednn = onednn_ops_for(hidden, weight_operand)
     for start in range(0, kept_rows.numel(), chunk_rows):
         rows = kept_rows[start : start + chunk_rows]
         hidden_chunk = hidden.index_select(0, rows).to(weight_operand.dtype)
-        logits = chunk_logits_into(logits_storage, hidden_chunk, weight_operand)
+        logits = chunk_logits_into(logits_storage, hidden_chunk, weight_operand, onednn)
         if bias_fp32 is not None:
             logits.add_(bias_fp32)
         row_losses[start : start + chunk_rows] = row_cross_entropy_(
@@ -128,9 +131,16 @@ def chunked_cross_entropy(
             continue
         grad_logits = logits.to(weight_operand.dtype)
         if grad_hidden is not None:
-            grad_hidden.index_copy_(0, rows, torch.mm(grad_logits, weight_operand).to(hidden.dtype))
+            if onednn is not None:
+                chunk_grad = gemm_into(hidden_chunk.new_empty(hidden_chunk.shape), grad_logits, weight_operand, 0.0,
+                                       ROWS, onednn)
+            else:
+                chunk_grad = torch.mm(grad_logits, weight_operand)
+            grad_hidden.index_copy_(0, rows, chunk_grad.to(hidden.dtype))
         if grad_weight is not None:
-            if start == 0:
+            if onednn is not None:
+                gemm_into(grad_weight, grad_logits.T, hidden_chunk, 0.0 if start == 0 else 1.0, INNER, onednn)
+            elif start == 0:
                 mm_fp32_into(grad_logits.T, hidden_chunk, out=grad_weight)
             else:
                 addmm_fp32_(grad_weight, grad_logits.T, hidden_chunk)
@@ -144,7 +154,16 @@ def chunked_cross_entropy(
     )
 
 
-def chunk_logits_into(storage: torch.Tensor, hidden_chunk: torch.Tensor, weight_operand: torch.Tensor) -> torch.Tensor:
+def onednn_ops_for(hidden: torch.Tensor, weight_operand: torch.Tensor):
+    """The CPU ops of engine/kernels/cpu when this process loaded them (model.fused_layers) and the
+    products are float32 on CPU: the chunk products then run on oneDNN (kernels/cpu/linear.py)."""
+    if hidden.is_cuda or hidden.dtype != torch.float32 or weight_operand.dtype != torch.float32:
+        return None
+    return loaded_body_ops()
+
+
+def chunk_logits_into(storage: torch.Tensor, hidden_chunk: torch.Tensor, weight_operand: torch.Tensor,
+                      onednn=None) -> torch.Tensor:
     """fp32 logits [rows, V] of the chunk, written into the front of `storage`.
 
     On CPU the logits are laid out vocab-major (a [rows, V] view of a contiguous [V, rows]
@@ -155,7 +174,10 @@ def chunk_logits_into(storage: torch.Tensor, hidden_chunk: torch.Tensor, weight_
     rows, vocab = hidden_chunk.shape[0], weight_operand.shape[0]
     if hidden_chunk.is_cuda:
         return mm_fp32_into(hidden_chunk, weight_operand.T, out=storage[: rows * vocab].view(rows, vocab))
-    vocab_major = mm_fp32_into(weight_operand, hidden_chunk.T, out=storage[: rows * vocab].view(vocab, rows))
+    out = storage[: rows * vocab].view(vocab, rows)
+    if onednn is not None:
+        return gemm_into(out, weight_operand, hidden_chunk.T, 0.0, COLUMNS, onednn).T
+    vocab_major = mm_fp32_into(weight_operand, hidden_chunk.T, out=out)
     return vocab_major.T
 
 

@@ -39,11 +39,12 @@ def _pair(kind: str):
 
 def _batch():
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, SIZES["vocab_size"], (1, 40), generator=g)
-    positions = torch.cat([torch.arange(15), torch.arange(25)]).unsqueeze(0)  # two packed samples
+    # 80 tokens: at least linear.MIN_ROWS, so the projections take the oneDNN products
+    ids = torch.randint(3, SIZES["vocab_size"], (1, 80), generator=g)
+    positions = torch.cat([torch.arange(30), torch.arange(50)]).unsqueeze(0)  # two packed samples
     labels = ids.clone()
     labels[0, :5] = -100
-    labels[0, 15:22] = -100
+    labels[0, 30:40] = -100
     return ids, labels, positions
 
 
@@ -62,6 +63,7 @@ def test_fused_model_gives_the_eager_loss_and_gradients(kind):
     eager, fused, report = _pair(kind)
     norms = 2 * SIZES["num_hidden_layers"] + 1 + (2 * SIZES["num_hidden_layers"] if kind == "qwen3" else 0)
     assert (report.rms_norms, report.mlps, report.rotary, report.reason) == (norms, SIZES["num_hidden_layers"], True, None)
+    assert report.linears == 7 * SIZES["num_hidden_layers"]
     want_loss, want = _loss_and_grads(eager)
     got_loss, got = _loss_and_grads(fused)
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
@@ -87,8 +89,11 @@ def test_every_fused_kernel_runs(monkeypatch):
     monkeypatch.setitem(extension._state, "ops", Counting())
     _loss_and_grads(fused)
     layers = SIZES["num_hidden_layers"]
+    # 7 projections per layer (the forward product and both backward ones each), and the fused
+    # loss's one chunk (logits, dH, dW)
     assert calls == {"rms_norm_forward": 2 * layers + 1, "rms_norm_backward": 2 * layers + 1,
-                     "silu_mul_forward": layers, "silu_mul_backward": layers, "rope_apply": 4 * layers}
+                     "silu_mul_forward": layers, "silu_mul_backward": layers, "rope_apply": 4 * layers,
+                     "gemm_": 3 * 7 * layers + 3}
 
 
 def test_other_dtypes_fall_back_to_the_eager_modules():

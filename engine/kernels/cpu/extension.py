@@ -1,4 +1,4 @@
-"""Build and load the C++ kernels of body_ops.cpp (torch's JIT extension loader, cached per machine).
+"""Build and load the C++ kernels of body_ops.cpp and gemm.cpp (torch's JIT extension loader, cached per machine).
 
 The library is compiled for the CPU's vector capability as torch reports it (AVX-512, AVX2, or
 ATen's portable default) and the capability is part of its name, so nodes of different CPUs that
@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 from torch.utils.cpp_extension import get_default_build_root, load
 
-SOURCE = Path(__file__).with_name("body_ops.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("body_ops.cpp", "gemm.cpp")]
 LIBRARY = "zhiling_cpu"
 DISABLE_ENV = "ZHILING_CPU_OPS"
 # Compiler flags per torch CPU capability: those torch builds its own kernels of that level with.
@@ -82,10 +82,10 @@ def load_body_ops(say: Optional[Callable[[str], None]] = None):
         return None
     level = capability()
     if say is not None and not is_built(extensions_root(), level):
-        say(f"building the fused CPU layer kernels (first run only, ~1 min; cached in "
+        say(f"building the fused CPU layer kernels (first run only, under a minute; cached in "
             f"{extensions_root() / library_name(level)})")
     try:
-        load(library_name(level), sources=[str(SOURCE)], extra_cflags=build_flags(level),
+        load(library_name(level), sources=[str(path) for path in SOURCES], extra_cflags=build_flags(level),
              is_python_module=False, verbose=False)
     except (OSError, RuntimeError, ImportError) as e:  # no compiler, failed build, unloadable library
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -93,6 +93,11 @@ def load_body_ops(say: Optional[Callable[[str], None]] = None):
         return None
     _state.update(ops=getattr(torch.ops, LIBRARY), reason=None)
     return _state["ops"]
+
+
+def loaded_body_ops():
+    """The ops if load_body_ops() already loaded them in this process, else None (never builds)."""
+    return _state.get("ops")
 
 
 def unavailable_reason() -> Optional[str]:
