@@ -12,7 +12,7 @@ What is fused, for the Llama-family modelling files (Llama, Mistral, Qwen2, Qwen
     down(fused silu(gate(x)) * up(x)) on the instance (PEFT adapters on the projections still apply);
   * every `nn.Linear` of the decoder (the attention and MLP projections; not the lm_head,
     which the fused loss computes): its forward and both backward products run on oneDNN's fp32
-    matmul (engine/kernels/cpu/gemm.cpp), 10-40% faster than the default BLAS on these shapes;
+    matmul (engine/kernels/cpu/gemm.cpp; benchmarks/cpu_gemm_bench.py compares it with the BLAS);
   * the modelling file's `apply_rotary_pos_emb`: replaced, process-wide, by a dispatcher that runs
     the kernel for the inputs it takes and the original function for any other (as Liger-Kernel
     patches it). The other models of the process compute what they computed before.
@@ -135,7 +135,7 @@ def install_fused_layers(model: torch.nn.Module, mode: str, *, on_cuda: bool, dt
             mlps += 1
     body = model.get_decoder() if hasattr(model, "get_decoder") else model
     linears = 0
-    for module in body.modules():
+    for module in body.modules() if linear.available() else ():
         if type(module) is torch.nn.Linear:
             module.forward = types.MethodType(_fused_linear_forward, module)
             linears += 1

@@ -28,7 +28,7 @@ from engine.kernels.contract import (ChunkedResult, KernelArgumentError, NeededG
                                      resolve_backend, select_kept_rows)
 from engine.kernels.mixed_precision_matmul import addmm_fp32_, matmul_operand, mm_fp32_into
 from engine.kernels.cpu.extension import loaded_body_ops
-from engine.kernels.cpu.linear import COLUMNS, INNER, ROWS, gemm_into
+from engine.kernels.cpu.linear import COLUMNS, INNER, available, gemm_into
 from engine.kernels.row_cross_entropy_torch import row_cross_entropy_torch_
 from engine.kernels.vocab_blocked_ce import default_block_columns, vocab_blocked_cross_entropy
 
@@ -131,12 +131,8 @@ def chunked_cross_entropy(
             continue
         grad_logits = logits.to(weight_operand.dtype)
         if grad_hidden is not None:
-            if onednn is not None:
-                chunk_grad = gemm_into(hidden_chunk.new_empty(hidden_chunk.shape), grad_logits, weight_operand, 0.0,
-                                       ROWS, onednn)
-            else:
-                chunk_grad = torch.mm(grad_logits, weight_operand)
-            grad_hidden.index_copy_(0, rows, chunk_grad.to(hidden.dtype))
+            # the default BLAS: oneDNN reads the vocab-major buffer's transpose slowly (cpu_gemm_bench)
+            grad_hidden.index_copy_(0, rows, torch.mm(grad_logits, weight_operand).to(hidden.dtype))
         if grad_weight is not None:
             if onednn is not None:
                 gemm_into(grad_weight, grad_logits.T, hidden_chunk, 0.0 if start == 0 else 1.0, INNER, onednn)
@@ -156,8 +152,8 @@ def chunked_cross_entropy(
 
 def onednn_ops_for(hidden: torch.Tensor, weight_operand: torch.Tensor):
     """The CPU ops of engine/kernels/cpu when this process loaded them (model.fused_layers) and the
-    products are float32 on CPU: the chunk products then run on oneDNN (kernels/cpu/linear.py)."""
-    if hidden.is_cuda or hidden.dtype != torch.float32 or weight_operand.dtype != torch.float32:
+    products are float32 on CPU: the logits and dW products then run on oneDNN (kernels/cpu/linear.py)."""
+    if hidden.is_cuda or hidden.dtype != torch.float32 or weight_operand.dtype != torch.float32 or not available():
         return None
     return loaded_body_ops()
 

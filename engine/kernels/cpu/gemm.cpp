@@ -1,8 +1,8 @@
 // float32 matrix products through oneDNN (the library torch ships, reached via ATen's mkldnn_matmul),
 // with the shapes it sees kept to a small fixed set.
 //
-// On x86 CPUs oneDNN's fp32 matmul runs 10-40% faster than the default BLAS on the shapes of a
-// decoder layer (benchmarks/RESULTS.md has the figures). It is exact fp32 (no reduced-precision
+// oneDNN's fp32 matmul measured faster than the default BLAS (MKL) on most products of a decoder
+// layer and of the fused loss (benchmarks/cpu_gemm_bench.py, figures in RESULTS.md). It is exact fp32 (no reduced-precision
 // math mode), only the order of the additions differs. oneDNN builds one primitive per shape, which
 // costs a few milliseconds the first time; training shapes have one dimension that changes with every
 // micro-batch (the token count), so that dimension is cut into blocks of BLOCK, one block of a
@@ -37,7 +37,9 @@ void gemm_(at::Tensor c, const at::Tensor& a, const at::Tensor& b, double beta, 
   TORCH_CHECK(varying >= 0 && varying <= 2, "gemm_: varying must be 0, 1 or 2");
   const int64_t size = varying == 0 ? a.size(0) : varying == 1 ? b.size(1) : a.size(1);
   if (size == 0 || c.numel() == 0) {
-    if (varying == 2 && c.numel() > 0) c.mul_(beta);
+    if (varying == 2 && c.numel() > 0) {
+      if (beta == 0.0) c.zero_(); else c.mul_(beta);  // beta 0 overwrites, as in BLAS
+    }
     return;
   }
   std::vector<std::pair<int64_t, int64_t>> blocks;  // (start, length) for oneDNN

@@ -1,5 +1,5 @@
 """float32 products on CPU through oneDNN (gemm.cpp): the projections of the model body and the
-products of the fused loss.
+logits and dW products of the fused loss.
 
 `gemm_into(out, a, b, beta, varying)` is out := beta * out + a @ b; `varying` names the dimension
 that changes with every micro-batch (ROWS, COLUMNS or INNER), which the kernel cuts into blocks so
@@ -19,10 +19,18 @@ MIN_ROWS = 64
 """Fewer token rows than this (decoding, tiny batches) stay with F.linear."""
 
 
+def available() -> bool:
+    """Whether this torch has oneDNN (gemm.cpp calls it; builds without it keep the default BLAS)."""
+    return torch.backends.mkldnn.is_available()
+
+
+def _cpu_float32(*tensors) -> bool:
+    return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors)
+
+
 def supported(x: torch.Tensor, weight: torch.Tensor, bias=None) -> bool:
     """Inputs fused_linear takes: float32 CPU activations of at least MIN_ROWS rows, weight, bias."""
-    return ((bias is None or (bias.device.type == "cpu" and bias.dtype == torch.float32)) and x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and x.dim() >= 2 and x.shape[-1] == weight.shape[1]
+    return (_cpu_float32(x, weight, bias) and x.dim() >= 2 and x.shape[-1] == weight.shape[1]
             and x.numel() // max(1, x.shape[-1]) >= MIN_ROWS)
 
 
