@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.kernels.cpu.extension import load_body_ops  # noqa: E402
+from engine.kernels.cpu import linear  # noqa: E402
 from engine.kernels.cpu.linear import COLUMNS, INNER, ROWS, gemm_into  # noqa: E402
 
 HIDDEN, INTERMEDIATE, VOCAB, CHUNK = 256, 688, 6400, 560
@@ -48,8 +49,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=30, help="rounds")
     args = p.parse_args()
     ops = load_body_ops(print)
-    if ops is None or not torch.backends.mkldnn.is_available():
-        sys.exit("the CPU ops or oneDNN are unavailable")
+    if ops is None:
+        sys.exit("the CPU ops are unavailable")
+    if not linear.available():
+        sys.exit(f"oneDNN float32 products are unavailable here: {linear.unavailable_reason()}")
     rates = {}
     for r in range(args.repeats):
         for name, a, b, varying in products(args.tokens + r):

@@ -12,7 +12,9 @@ What is fused, for the Llama-family modelling files (Llama, Mistral, Qwen2, Qwen
     down(fused silu(gate(x)) * up(x)) on the instance (PEFT adapters on the projections still apply);
   * every `nn.Linear` of the decoder (the attention and MLP projections; not the lm_head,
     which the fused loss computes): its forward and both backward products run on oneDNN's fp32
-    matmul (engine/kernels/cpu/gemm.cpp; benchmarks/cpu_gemm_bench.py compares it with the BLAS);
+    matmul (engine/kernels/cpu/gemm.cpp; benchmarks/cpu_gemm_bench.py compares it with the BLAS),
+    where torch's oneDNN entry point serves float32 (x86 CPUs with AVX-512; the report says
+    why not elsewhere, and the projections then stay on the default BLAS);
   * the modelling file's `apply_rotary_pos_emb`: replaced, process-wide, by a dispatcher that runs
     the kernel for the inputs it takes and the original function for any other (as Liger-Kernel
     patches it). The other models of the process compute what they computed before.
@@ -52,13 +54,16 @@ class FusedLayers:
     linears: int = 0
     rotary: bool = False
     reason: Optional[str] = None
+    projections_reason: Optional[str] = None
+    """Why the projections stay on the default BLAS although the rest is fused, or None."""
 
     def describe(self) -> str:
         if self.reason:
             return f"fused layers: none ({self.reason})"
         return (f"fused layers: {self.rms_norms} RMSNorm, {self.mlps} SwiGLU MLP"
                 + (", rotary embedding" if self.rotary else "")
-                + (f", {self.linears} projections on oneDNN" if self.linears else "") + " (CPU kernels)")
+                + (f", {self.linears} projections on oneDNN" if self.linears else "") + " (CPU kernels)"
+                + (f"; projections on the default BLAS: {self.projections_reason}" if self.projections_reason else ""))
 
 
 def _fused_rms_norm_forward(module: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -143,4 +148,5 @@ def install_fused_layers(model: torch.nn.Module, mode: str, *, on_cuda: bool, dt
     rotary = current is not None
     if rotary and not hasattr(current, "fused_original"):
         modelling.apply_rotary_pos_emb = _rotary_dispatcher(current)
-    return FusedLayers(rms_norms=norms, mlps=mlps, linears=linears, rotary=rotary)
+    return FusedLayers(rms_norms=norms, mlps=mlps, linears=linears, rotary=rotary,
+                       projections_reason=linear.unavailable_reason())

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from engine.config import ConfigError
 from engine.fused_layers import FusedLayersError, install_fused_layers
-from engine.kernels.cpu import extension
+from engine.kernels.cpu import extension, linear
 from engine.loss import CausalLMWithMaskedLoss
 from engine.segment_attention import use_segment_attention
 
@@ -63,7 +63,8 @@ def test_fused_model_gives_the_eager_loss_and_gradients(kind):
     eager, fused, report = _pair(kind)
     norms = 2 * SIZES["num_hidden_layers"] + 1 + (2 * SIZES["num_hidden_layers"] if kind == "qwen3" else 0)
     assert (report.rms_norms, report.mlps, report.rotary, report.reason) == (norms, SIZES["num_hidden_layers"], True, None)
-    assert report.linears == 7 * SIZES["num_hidden_layers"]
+    assert report.linears == (7 * SIZES["num_hidden_layers"] if linear.available() else 0)
+    assert report.projections_reason == linear.unavailable_reason()
     want_loss, want = _loss_and_grads(eager)
     got_loss, got = _loss_and_grads(fused)
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
@@ -90,10 +91,37 @@ def test_every_fused_kernel_runs(monkeypatch):
     _loss_and_grads(fused)
     layers = SIZES["num_hidden_layers"]
     # 7 projections per layer (the forward product and both backward ones each), and the fused
-    # loss's one chunk (logits and dW; dH stays on the default BLAS)
-    assert calls == {"rms_norm_forward": 2 * layers + 1, "rms_norm_backward": 2 * layers + 1,
-                     "silu_mul_forward": layers, "silu_mul_backward": layers, "rope_apply": 4 * layers,
-                     "gemm_": 3 * 7 * layers + 2}
+    # loss's one chunk (logits and dW; dH stays on the default BLAS), where oneDNN serves float32
+    want = {"rms_norm_forward": 2 * layers + 1, "rms_norm_backward": 2 * layers + 1,
+            "silu_mul_forward": layers, "silu_mul_backward": layers, "rope_apply": 4 * layers}
+    if linear.available():
+        want["gemm_"] = 3 * 7 * layers + 2
+    assert calls == want
+
+
+def test_without_onednn_the_projections_stay_on_the_blas(monkeypatch):
+    """A CPU that torch's oneDNN matmul does not serve in float32 (or a torch without oneDNN): the
+    norms, gate and rotary stay fused, the projections and the loss's products take the BLAS, the
+    report says why, and the loss and gradients are the eager model's."""
+    monkeypatch.setattr(linear, "unavailable_reason", lambda: "this CPU lacks AVX-512")
+    eager, fused, report = _pair("llama")
+    assert report.linears == 0 and report.mlps == SIZES["num_hidden_layers"] and report.reason is None
+    assert "projections on the default BLAS: this CPU lacks AVX-512" in report.describe()
+    ops = extension.load_body_ops()
+    calls: list[str] = []
+
+    class Counting:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(ops, name)
+
+    monkeypatch.setitem(extension._state, "ops", Counting())
+    want_loss, want = _loss_and_grads(eager)
+    got_loss, got = _loss_and_grads(fused)
+    assert "gemm_" not in calls and "silu_mul_forward" in calls
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_other_dtypes_fall_back_to_the_eager_modules():

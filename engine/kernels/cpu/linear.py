@@ -11,6 +11,10 @@ the additions differs from the default BLAS.
 
 from __future__ import annotations
 
+import functools
+import platform
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -19,9 +23,28 @@ MIN_ROWS = 64
 """Fewer token rows than this (decoding, tiny batches) stay with F.linear."""
 
 
+def unavailable_reason() -> Optional[str]:
+    """Why gemm.cpp cannot run here, or None. On x86, torch's oneDNN matmul entry point serves
+    float32 only on CPUs with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT and raises elsewhere; there,
+    and in builds without oneDNN, the products stay with the default BLAS."""
+    return _unavailable_reason()
+
+
+@functools.lru_cache(maxsize=None)
+def _unavailable_reason() -> Optional[str]:
+    if not torch.backends.mkldnn.is_available():
+        return "this torch is built without oneDNN"
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return None
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return (f"this CPU lacks AVX-512 BW/VL/DQ and AVX-NE-CONVERT (capability "
+                f"{torch.backends.cpu.get_cpu_capability()}), which torch's oneDNN matmul asks for")
+    return None
+
+
 def available() -> bool:
-    """Whether this torch has oneDNN (gemm.cpp calls it; builds without it keep the default BLAS)."""
-    return torch.backends.mkldnn.is_available()
+    """Whether gemm.cpp's products can run here (see `unavailable_reason`)."""
+    return unavailable_reason() is None
 
 
 def _cpu_float32(*tensors) -> bool:

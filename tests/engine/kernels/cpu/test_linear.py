@@ -15,6 +15,33 @@ from engine.kernels.cpu.linear import COLUMNS, INNER, ROWS, gemm_into
 VARYING_SIZES = [37, 64, 100, 512, 700, 1100]
 
 
+@pytest.fixture
+def ops(ops):
+    """The built ops, where torch's oneDNN matmul serves float32 on this CPU (else a skip that says why;
+    test_unavailability_is_true checks that such a CPU really is refused)."""
+    if not linear.available():
+        pytest.skip(f"oneDNN float32 products unavailable: {linear.unavailable_reason()}")
+    return ops
+
+
+def test_unavailability_is_true():
+    """available() says no exactly where torch's oneDNN matmul refuses float32: where it says no
+    for the CPU, gemm_ raises; where it says yes, gemm_ multiplies."""
+    from engine.kernels.cpu.extension import load_body_ops
+
+    built = load_body_ops()
+    if built is None or not torch.backends.mkldnn.is_available():
+        pytest.skip("no built ops or no oneDNN in this torch")
+    a, b, out = torch.ones(64, 8), torch.ones(8, 4), torch.empty(64, 4)
+    if linear.available():
+        gemm_into(out, a, b, 0.0, ROWS, built)
+        assert torch.equal(out, torch.full((64, 4), 8.0))
+    else:
+        assert "AVX-512" in linear.unavailable_reason()
+        with pytest.raises(RuntimeError, match="mkldnn_matmul"):
+            gemm_into(out, a, b, 0.0, ROWS, built)
+
+
 def _matrix(rows, cols, transposed, generator):
     if transposed:
         return torch.randn(cols, rows, generator=generator).T
