@@ -87,7 +87,7 @@ def test_one_console_voice(finished_run):
     assert rank_info == []
     # the float32 CPU run trains with the fused layer kernels, and says so once
     fused = [line for line in proc.stderr.splitlines() if line.startswith("fused layers: ")]
-    assert len(fused) == 1 and "RMSNorm" in fused[0] and fused[0].endswith("(CPU kernels)"), fused
+    assert len(fused) == 1 and "RMSNorm" in fused[0] and "(CPU kernels)" in fused[0], fused
 
 
 def test_tensorboard_server_serves_the_scalars(finished_run):
