@@ -23,20 +23,19 @@ MIN_ROWS = 64
 """Fewer token rows than this (decoding, tiny batches) stay with F.linear."""
 
 
+@functools.lru_cache(maxsize=None)
 def unavailable_reason() -> Optional[str]:
     """Why gemm.cpp cannot run here, or None. On x86, torch's oneDNN matmul entry point serves
     float32 only on CPUs with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT and raises elsewhere; there,
     and in builds without oneDNN, the products stay with the default BLAS."""
-    return _unavailable_reason()
-
-
-@functools.lru_cache(maxsize=None)
-def _unavailable_reason() -> Optional[str]:
     if not torch.backends.mkldnn.is_available():
         return "this torch is built without oneDNN"
     if platform.machine().lower() in ("aarch64", "arm64"):
         return None
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    device_check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if device_check is None:
+        return "this torch cannot tell whether its oneDNN matmul serves float32 on this CPU"
+    if not device_check():
         return (f"this CPU lacks AVX-512 BW/VL/DQ and AVX-NE-CONVERT (capability "
                 f"{torch.backends.cpu.get_cpu_capability()}), which torch's oneDNN matmul asks for")
     return None
