@@ -22,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
 from tests.engine.grad_probe import (LENGTH, RESPONSE_TOKENS, ROWS, VOCAB, full_gradients,  # noqa: E402
-                                     save_result, tiny_model)
+                                     exit_after_result, save_result, tiny_model)
 
 
 def samples(packed: bool) -> list[list]:
@@ -106,3 +106,4 @@ def main() -> None:
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()
+    exit_after_result()
