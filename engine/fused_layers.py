@@ -1,4 +1,5 @@
-"""Fused layers for the model body: RMSNorm, the SwiGLU gate and rotary embedding, one kernel each.
+"""Fused layers for the model body: RMSNorm, the SwiGLU gate, rotary embedding and per-sample
+attention, one kernel each.
 
 `model.fused_layers` (auto | required | disabled). With auto, a float32 run on CPU uses the C++ kernels of
 engine/kernels/cpu (built once per machine on first use); elsewhere the model is left as it is
@@ -15,6 +16,9 @@ What is fused, for the Llama-family modelling files (Llama, Mistral, Qwen2, Qwen
     matmul (engine/kernels/cpu/gemm.cpp; benchmarks/cpu_gemm_bench.py compares it with the BLAS),
     where torch's oneDNN entry point serves float32 (x86 CPUs with AVX-512; the report says
     why not elsewhere, and the projections then stay on the default BLAS);
+  * every `*Attention` module of the modelling file is marked so that padding-free micro-batches
+    (engine/segment_attention.py) run causal attention for all their samples in one kernel
+    (engine/kernels/cpu/segment_causal.py) instead of one SDPA per sample;
   * the modelling file's `apply_rotary_pos_emb`: replaced, process-wide, by a dispatcher that runs
     the kernel for the inputs it takes and the original function for any other (as Liger-Kernel
     patches it). The other models of the process compute what they computed before.
@@ -35,6 +39,7 @@ import torch
 from engine.config import ConfigError
 from engine.kernels.cpu import linear, rms_norm, rope, silu_mul
 from engine.kernels.cpu.extension import load_body_ops, unavailable_reason
+from engine.segment_attention import FUSED_CPU_KERNEL
 
 MODES = ("auto", "required", "disabled")
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -52,6 +57,7 @@ class FusedLayers:
     rms_norms: int = 0
     mlps: int = 0
     linears: int = 0
+    attentions: int = 0
     rotary: bool = False
     reason: Optional[str] = None
     projections_reason: Optional[str] = None
@@ -62,6 +68,7 @@ class FusedLayers:
             return f"fused layers: none ({self.reason})"
         return (f"fused layers: {self.rms_norms} RMSNorm, {self.mlps} SwiGLU MLP"
                 + (", rotary embedding" if self.rotary else "")
+                + (f", {self.attentions} per-sample causal attention" if self.attentions else "")
                 + (f", {self.linears} projections on oneDNN" if self.linears else "") + " (CPU kernels)"
                 + (f"; projections on the default BLAS: {self.projections_reason}" if self.projections_reason else ""))
 
@@ -127,7 +134,7 @@ def install_fused_layers(model: torch.nn.Module, mode: str, *, on_cuda: bool, dt
             raise FusedLayersError(f"model.fused_layers is required, but {problem}")
         return FusedLayers(reason=problem)
     modelling = sys.modules[type(model.get_decoder() if hasattr(model, "get_decoder") else model).__module__]
-    norms = mlps = 0
+    norms = mlps = attentions = 0
     for module in model.modules():
         if type(module).__module__ != modelling.__name__:
             continue
@@ -138,6 +145,9 @@ def install_fused_layers(model: torch.nn.Module, mode: str, *, on_cuda: bool, dt
         elif name.endswith("MLP") and _is_fusable_mlp(module):
             module.forward = types.MethodType(_fused_mlp_forward, module)
             mlps += 1
+        elif name.endswith("Attention"):
+            setattr(module, FUSED_CPU_KERNEL, True)
+            attentions += 1
     body = model.get_decoder() if hasattr(model, "get_decoder") else model
     linears = 0
     for module in body.modules() if linear.available() else ():
@@ -148,5 +158,5 @@ def install_fused_layers(model: torch.nn.Module, mode: str, *, on_cuda: bool, dt
     rotary = current is not None
     if rotary and not hasattr(current, "fused_original"):
         modelling.apply_rotary_pos_emb = _rotary_dispatcher(current)
-    return FusedLayers(rms_norms=norms, mlps=mlps, linears=linears, rotary=rotary,
+    return FusedLayers(rms_norms=norms, mlps=mlps, linears=linears, attentions=attentions, rotary=rotary,
                        projections_reason=linear.unavailable_reason())

@@ -24,8 +24,16 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from engine.kernels.cpu import segment_causal
+from engine.kernels.cpu.extension import loaded_body_ops
+
 SEGMENTS = "sdpa_segments"
 """The attention implementation key a padding-free sdpa model runs under."""
+
+FUSED_CPU_KERNEL = "fused_segment_attention"
+"""Attribute the fused layers set on a model's attention modules: their float32 CPU calls then run
+all samples through one fused kernel (engine/kernels/cpu/segment_causal.py) instead of one SDPA
+each."""
 
 
 def segment_bounds(position_ids: torch.Tensor, length: int) -> list[list[int]]:
@@ -47,11 +55,17 @@ def varlen_kernel():
     return varlen_attn
 
 
+def flat_cuts(position_ids: torch.Tensor, batch: int, length: int) -> list[int]:
+    """Where each sample starts in the batch's rows laid end to end, then their end (cu_seqlens)."""
+    cuts = [b * length + c for b, bounds in enumerate(segment_bounds(position_ids, length)) for c in bounds[:-1]]
+    cuts.append(batch * length)
+    return cuts
+
+
 def _varlen_attention(query, key, value, position_ids, scaling, kernel) -> torch.Tensor:
     """All samples of all rows in one flash varlen call: [batch, length, heads, dim]."""
     batch, heads, length, dim = query.shape
-    cuts = [b * length + c for b, bounds in enumerate(segment_bounds(position_ids, length)) for c in bounds[:-1]]
-    cuts.append(batch * length)
+    cuts = flat_cuts(position_ids, batch, length)
     cu = torch.tensor(cuts, dtype=torch.int32, device=query.device)
     longest = int(max(e - s for s, e in zip(cuts[:-1], cuts[1:])))
     params = inspect.signature(kernel).parameters  # torch 2.9-2.11 take is_causal, later ones window_size
@@ -75,13 +89,19 @@ def segment_causal_attention(module: torch.nn.Module, query: torch.Tensor, key: 
     query [batch, heads, length, dim], key/value [batch, kv_heads, length, dim]; returns [batch,
     length, heads, dim]. A sample starts where position_ids is 0; each runs its own causal SDPA, so
     memory is quadratic in the longest sample, not the row, and no token sees another sample. On CUDA
-    in half precision all samples go through one flash varlen kernel call instead of a loop.
+    in half precision all samples go through one flash varlen kernel call instead of a loop, and so
+    they do in float32 on CPU through the fused kernel when the fused layers marked the module.
     """
     if position_ids is None:
         raise ValueError("segment_causal_attention needs position_ids (they mark where each sample starts)")
     kernel = varlen_kernel() if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) else None
     if kernel is not None and not (dropout and module.training):
         return _varlen_attention(query, key, value, position_ids, scaling, kernel), None
+    ops = loaded_body_ops() if getattr(module, FUSED_CPU_KERNEL, False) else None
+    if ops is not None and segment_causal.supported(query, key, value, dropout if module.training else 0.0):
+        batch, length = query.shape[0], query.shape[2]
+        cu = torch.tensor(flat_cuts(position_ids, batch, length), dtype=torch.int64)
+        return segment_causal.segment_causal(query, key, value, cu, scaling, ops), None
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)

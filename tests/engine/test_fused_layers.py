@@ -1,5 +1,5 @@
 """Fused layers (engine/fused_layers.py): a fused Llama, Qwen2 or Qwen3 gives the eager model's loss
-and gradients; every RMSNorm, MLP and the rotary embedding really run fused; inputs the kernels do
+and gradients; every RMSNorm, MLP, the rotary embedding and the per-sample attention really run fused; inputs the kernels do
 not take fall back; generation, PEFT, state_dict keys and the modes behave as documented."""
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ def test_fused_model_gives_the_eager_loss_and_gradients(kind):
     eager, fused, report = _pair(kind)
     norms = 2 * SIZES["num_hidden_layers"] + 1 + (2 * SIZES["num_hidden_layers"] if kind == "qwen3" else 0)
     assert (report.rms_norms, report.mlps, report.rotary, report.reason) == (norms, SIZES["num_hidden_layers"], True, None)
+    assert report.attentions == SIZES["num_hidden_layers"]
     assert report.linears == (7 * SIZES["num_hidden_layers"] if linear.available() else 0)
     assert report.projections_reason == linear.unavailable_reason()
     want_loss, want = _loss_and_grads(eager)
@@ -93,7 +94,8 @@ def test_every_fused_kernel_runs(monkeypatch):
     # 7 projections per layer (the forward product and both backward ones each), and the fused
     # loss's one chunk (logits and dW; dH stays on the default BLAS), where oneDNN serves float32
     want = {"rms_norm_forward": 2 * layers + 1, "rms_norm_backward": 2 * layers + 1,
-            "silu_mul_forward": layers, "silu_mul_backward": layers, "rope_apply": 4 * layers}
+            "silu_mul_forward": layers, "silu_mul_backward": layers, "rope_apply": 4 * layers,
+            "segment_causal_forward": layers, "segment_causal_backward": layers}
     if linear.available():
         want["gemm_"] = 3 * 7 * layers + 2
     assert calls == want
