@@ -8,8 +8,10 @@
 // the square plus a thin diagonal band is computed. Per block the scores [rows, keys] live in one
 // scratch buffer (rows x the longest sample) and every product is one BLAS call.
 //
-// Forward keeps the log-sum-exp of every query; backward recomputes the probabilities from it
-// (P = exp(S - lse)), as flash attention does, with D = rowsum(dO * O):
+// Forward keeps the log-sum-exp of every query and, when they fit the caller's budget, the
+// probabilities themselves (the causal part of each block: about n^2 / 2 floats per sample and
+// head); otherwise backward recomputes them from the log-sum-exp (P = exp(S - lse)), as flash
+// attention does. With D = rowsum(dO * O):
 //   dV += P^T dO,  dP = dO V^T,  dS = P * (dP - D),  dQ = scale dS K,  dK += scale dS^T Q.
 // The Python side (segment_causal.py) holds the autograd Function, the checks and the float64
 // reference the tests compare against. Built by extension.py with the other CPU kernels.
@@ -173,9 +175,29 @@ int64_t longest(const std::vector<int64_t>& bounds) {
   return best;
 }
 
-// q [H, T, D], k and v [Hkv, T, D]; returns out [T, H, D] and lse [H, T].
-std::tuple<at::Tensor, at::Tensor> segment_causal_forward(const at::Tensor& q, const at::Tensor& k,
-                                                          const at::Tensor& v, const at::Tensor& cu, double scale) {
+// Layout of the kept probabilities: per sample and head, the sample's query blocks one after
+// another, each [rows, keys] with keys = the block's end (the causal part only). starts[s] sums the
+// per-head sizes of the samples before s: sample s, head h begins at heads * starts[s] + h *
+// (starts[s + 1] - starts[s]), and the buffer holds heads * starts.back() floats.
+std::vector<int64_t> probs_starts(const std::vector<int64_t>& bounds) {
+  std::vector<int64_t> starts(bounds.size(), 0);
+  for (size_t s = 1; s < bounds.size(); ++s) {
+    const int64_t n = bounds[s] - bounds[s - 1];
+    int64_t size = 0;
+    for (int64_t a = 0; a < n; a += QUERY_BLOCK) {
+      const int64_t rows = std::min(QUERY_BLOCK, n - a);
+      size += rows * (a + rows);
+    }
+    starts[s] = starts[s - 1] + size;
+  }
+  return starts;
+}
+
+// q [H, T, D], k and v [Hkv, T, D]; returns out [T, H, D], lse [H, T] and, when they take at most
+// max_probs_bytes, the probabilities (flat; probs_starts gives the layout), else an empty tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_causal_forward(const at::Tensor& q, const at::Tensor& k,
+                                                                      const at::Tensor& v, const at::Tensor& cu,
+                                                                      double scale, int64_t max_probs_bytes) {
   check_operands(q, k, v);
   const int64_t heads = q.size(0), tokens = q.size(1), dim = q.size(2), kv_heads = k.size(0);
   const int64_t group = heads / kv_heads;
@@ -183,20 +205,27 @@ std::tuple<at::Tensor, at::Tensor> segment_causal_forward(const at::Tensor& q, c
   const int64_t segments = static_cast<int64_t>(bounds.size()) - 1, width = longest(bounds);
   auto out = at::empty({tokens, heads, dim}, q.options());
   auto lse = at::empty({heads, tokens}, q.options());
+  const auto starts = probs_starts(bounds);
+  const bool keep = 4 * heads * starts.back() <= max_probs_bytes;
+  auto probs = at::empty({keep ? heads * starts.back() : 0}, q.options());
   const Layout Q = layout_of(q), K = layout_of(k), V = layout_of(v);
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
+  float* pp = probs.data_ptr<float>();
   const float alpha = static_cast<float>(scale);
   at::parallel_for(0, segments * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(QUERY_BLOCK * std::max<int64_t>(width, 1));
-    const int64_t ld = std::max<int64_t>(width, 1);
+    std::vector<float> scores(keep ? 0 : QUERY_BLOCK * std::max<int64_t>(width, 1));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t seg = task / kv_heads, kvh = task % kv_heads;
       const int64_t start = bounds[seg], n = bounds[seg + 1] - start;
+      const int64_t per_head = starts[seg + 1] - starts[seg];
       for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
+        float* kept = keep ? pp + heads * starts[seg] + h * per_head : nullptr;
         for (int64_t a = 0; a < n; a += QUERY_BLOCK) {
           const int64_t rows = std::min(QUERY_BLOCK, n - a), keys = a + rows;
-          float* s = scores.data();
+          const int64_t ld = keep ? keys : std::max<int64_t>(width, 1);
+          float* s = keep ? kept : scores.data();
+          if (keep) kept += rows * keys;
           mm_nt(rows, keys, dim, alpha, Q.at(h, start + a), Q.token, K.at(kvh, start), K.token, 0.f, s, ld);
           for (int64_t i = 0; i < rows; ++i) {
             float* row = s + i * ld;
@@ -213,14 +242,15 @@ std::tuple<at::Tensor, at::Tensor> segment_causal_forward(const at::Tensor& q, c
       }
     }
   });
-  return {out, lse};
+  return {out, lse, probs};
 }
 
 // grad_out and out [T, H, D] contiguous, lse [H, T]; returns dq [T, H, D], dk and dv [T, Hkv, D].
 std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_causal_backward(const at::Tensor& grad_out, const at::Tensor& q,
                                                                        const at::Tensor& k, const at::Tensor& v,
                                                                        const at::Tensor& out, const at::Tensor& lse,
-                                                                       const at::Tensor& cu, double scale) {
+                                                                       const at::Tensor& probs, const at::Tensor& cu,
+                                                                       double scale) {
   check_operands(q, k, v);
   const int64_t heads = q.size(0), tokens = q.size(1), dim = q.size(2), kv_heads = k.size(0);
   const int64_t group = heads / kv_heads;
@@ -230,6 +260,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_causal_backward(const at:
               "segment_causal_attention backward: grad_out/out must be contiguous [T, H, D], lse [H, T]");
   const auto bounds = checked_bounds(cu, tokens);
   const int64_t segments = static_cast<int64_t>(bounds.size()) - 1, width = longest(bounds);
+  const auto starts = probs_starts(bounds);
+  const bool kept = probs.numel() > 0;
+  TORCH_CHECK(!kept || (probs.is_contiguous() && probs.numel() == heads * starts.back()),
+              "segment_causal_attention backward: the kept probabilities do not fit these samples");
+  const float* kp = kept ? probs.const_data_ptr<float>() : nullptr;
   auto dq = at::empty({tokens, heads, dim}, q.options());
   auto dk = at::zeros({tokens, kv_heads, dim}, q.options());
   auto dv = at::zeros({tokens, kv_heads, dim}, q.options());
@@ -241,28 +276,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_causal_backward(const at:
   const float alpha = static_cast<float>(scale);
   const int64_t row = heads * dim, kv_row = kv_heads * dim;
   at::parallel_for(0, segments * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    const int64_t ld = std::max<int64_t>(width, 1);
-    std::vector<float> probs(QUERY_BLOCK * ld), grads(QUERY_BLOCK * ld), row_dots(QUERY_BLOCK);
+    const int64_t wide = std::max<int64_t>(width, 1);
+    std::vector<float> recomputed(kept ? 0 : QUERY_BLOCK * wide), grads(QUERY_BLOCK * wide), row_dots(QUERY_BLOCK);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t seg = task / kv_heads, kvh = task % kv_heads;
       const int64_t start = bounds[seg], n = bounds[seg + 1] - start;
+      const int64_t per_head = starts[seg + 1] - starts[seg];
       float* dk_seg = dkp + start * kv_row + kvh * dim;
       float* dv_seg = dvp + start * kv_row + kvh * dim;
       for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
+        const float* kept_block = kept ? kp + heads * starts[seg] + h * per_head : nullptr;
         for (int64_t a = 0; a < n; a += QUERY_BLOCK) {
           const int64_t rows = std::min(QUERY_BLOCK, n - a), keys = a + rows;
+          const int64_t ld = kept ? keys : wide;
           const float* g_blk = gp + (start + a) * row + h * dim;
           const float* q_blk = Q.at(h, start + a);
-          float* p = probs.data();
           float* dp = grads.data();
-          mm_nt(rows, keys, dim, alpha, q_blk, Q.token, K.at(kvh, start), K.token, 0.f, p, ld);
-          for (int64_t i = 0; i < rows; ++i) {
-            float* pr = p + i * ld;
-            const int64_t seen = a + i + 1;
-            exp_shifted_(pr, seen, lp[h * tokens + start + a + i]);
-            std::fill(pr + seen, pr + keys, 0.f);
-            row_dots[i] = dot(g_blk + i * row, op + (start + a + i) * row + h * dim, dim);
+          const float* p = kept_block;
+          if (kept) {
+            kept_block += rows * keys;
+          } else {  // recompute P = exp(S - lse) from the forward's log-sum-exp
+            float* fresh = recomputed.data();
+            mm_nt(rows, keys, dim, alpha, q_blk, Q.token, K.at(kvh, start), K.token, 0.f, fresh, ld);
+            for (int64_t i = 0; i < rows; ++i) {
+              float* pr = fresh + i * ld;
+              const int64_t seen = a + i + 1;
+              exp_shifted_(pr, seen, lp[h * tokens + start + a + i]);
+              std::fill(pr + seen, pr + keys, 0.f);
+            }
+            p = fresh;
           }
+          for (int64_t i = 0; i < rows; ++i) row_dots[i] = dot(g_blk + i * row, op + (start + a + i) * row + h * dim, dim);
           mm_tn(keys, dim, rows, 1.f, p, ld, g_blk, row, 1.f, dv_seg, kv_row);
           mm_nt(rows, keys, dim, 1.f, g_blk, row, V.at(kvh, start), V.token, 0.f, dp, ld);
           for (int64_t i = 0; i < rows; ++i) {
@@ -289,11 +333,13 @@ std::string segment_causal_use_aten_products(bool on) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(zhiling_cpu, m) {
-  m.def("segment_causal_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "segment_causal_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, float scale, int max_probs_bytes) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def("segment_causal_use_aten_products(bool on) -> str", &segment_causal_use_aten_products);  // no tensors: catch-all
   m.def(
       "segment_causal_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor cu_seqlens, float scale) -> (Tensor, Tensor, Tensor)");
+      "Tensor probs, Tensor cu_seqlens, float scale) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(zhiling_cpu, CPU, m) {

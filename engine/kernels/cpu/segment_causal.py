@@ -3,7 +3,8 @@
 The samples of a micro-batch lie end to end; `cu_seqlens` (int64, [samples + 1]) marks where each
 starts in the flattened tokens. torch's CPU flash attention, run once per sample, computes the whole
 [n, n] square of every sample up to 512 tokens and allocates per call; attention.cpp computes each
-block of 64 queries against the keys up to its last query only, with every product one BLAS call.
+block of 64 queries against the keys up to its last query only, with every product one BLAS call,
+and keeps the probabilities for the backward while they are small (MAX_KEPT_PROBS_BYTES).
 The output is written straight into the [tokens, heads, dim] layout the attention's output
 projection reads, so the per-sample split, the concatenation and the final transpose copy go too.
 
@@ -18,6 +19,12 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+MAX_KEPT_PROBS_BYTES = 64 * 2**20
+"""The forward keeps the attention probabilities for the backward (saving the recomputation of the
+scores, about a fifth of the backward's products) when they take at most this much per call: about
+n^2 / 2 floats per sample and head, 2.8 MiB for a 2,000-token row of ~170-token samples and 4
+heads; long samples (one of 4,096 tokens with 32 heads: 1 GiB) recompute them instead."""
 
 
 def supported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float) -> bool:
@@ -40,27 +47,28 @@ def tokens_major(x: torch.Tensor) -> torch.Tensor:
 
 class SegmentCausalFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, scale, ops):
-        out, lse = ops.segment_causal_forward(q, k, v, cu_seqlens, scale)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    def forward(ctx, q, k, v, cu_seqlens, scale, ops, max_kept_probs_bytes):
+        out, lse, probs = ops.segment_causal_forward(q, k, v, cu_seqlens, scale, max_kept_probs_bytes)
+        ctx.save_for_backward(q, k, v, out, lse, probs, cu_seqlens)
         ctx.scale, ctx.ops = scale, ops
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = ctx.ops.segment_causal_backward(grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, ctx.scale)
-        return dq.transpose(0, 1), dk.transpose(0, 1), dv.transpose(0, 1), None, None, None
+        q, k, v, out, lse, probs, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = ctx.ops.segment_causal_backward(grad_out.contiguous(), q, k, v, out, lse, probs, cu_seqlens,
+                                                     ctx.scale)
+        return dq.transpose(0, 1), dk.transpose(0, 1), dv.transpose(0, 1), None, None, None, None
 
 
 def segment_causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
-                   scale: Optional[float], ops) -> torch.Tensor:
+                   scale: Optional[float], ops, max_kept_probs_bytes: int = MAX_KEPT_PROBS_BYTES) -> torch.Tensor:
     """Causal attention within each sample (see `supported`): [batch, length, heads, dim], where
     cu_seqlens cuts the batch's batch * length tokens into samples."""
     batch, heads, length, dim = query.shape
     scale = dim ** -0.5 if scale is None else float(scale)
     out = SegmentCausalFunction.apply(tokens_major(query), tokens_major(key), tokens_major(value),
-                                      cu_seqlens, scale, ops)
+                                      cu_seqlens, scale, ops, max_kept_probs_bytes)
     return out.view(batch, length, heads, dim)
 
 

@@ -1,7 +1,8 @@
 """Per-sample causal attention in one fused CPU call (engine/kernels/cpu/segment_causal.py) against
 the float64 reference: output and the three gradients over sample lengths around the 64-query
-block, grouped-query heads, head sizes with vector tails, several rows, large scores, both layouts
-and both ways of running the products (the BLAS's sgemm and ATen's addmm)."""
+block, grouped-query heads, head sizes with vector tails, several rows, large scores, both layouts,
+both ways of running the products (the BLAS's sgemm and ATen's addmm) and both backwards (from the
+kept probabilities and recomputing them)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.kernels.cpu.segment_causal import reference_segment_causal, segment_causal, supported
+from engine.kernels.cpu.segment_causal import MAX_KEPT_PROBS_BYTES, reference_segment_causal, segment_causal, supported
 
 
 @pytest.fixture(params=["blas", "aten"])
@@ -21,6 +22,12 @@ def products(request, ops):
         pytest.skip(f"this torch exports no sgemm: the products always go through {way}")
     yield ops
     ops.segment_causal_use_aten_products(False)
+
+
+@pytest.fixture(params=["kept", "recomputed"])
+def probs_budget(request):
+    """The backward from the forward's kept probabilities, or recomputing them (no budget)."""
+    return MAX_KEPT_PROBS_BYTES if request.param == "kept" else 0
 
 
 def _inputs(lengths_per_row, heads, kv_heads, dim, scale=1.0, hf_layout=True, seed=0):
@@ -75,12 +82,12 @@ CASES = [
 
 
 @pytest.mark.parametrize("lengths, heads, kv_heads, dim", CASES)
-def test_matches_float64_reference(products, lengths, heads, kv_heads, dim):
+def test_matches_float64_reference(products, probs_budget, lengths, heads, kv_heads, dim):
     q, k, v, cu = _inputs(lengths, heads, kv_heads, dim)
     scale = dim ** -0.5
     grad = torch.randn(q.shape[0], q.shape[2], heads, dim, generator=torch.Generator().manual_seed(9))
     want = _run(reference_segment_causal, q.double(), k.double(), v.double(), cu, scale, grad.double())
-    got = _run(lambda *a: segment_causal(*a, products), q, k, v, cu, scale, grad)
+    got = _run(lambda *a: segment_causal(*a, products, probs_budget), q, k, v, cu, scale, grad)
     eager = _run(_eager, q, k, v, cu, scale, grad)
     for name, g, e, r in zip(("out", "dq", "dk", "dv"), got, eager, want):
         assert g.shape == r.shape and g.dtype == torch.float32, name
@@ -88,12 +95,12 @@ def test_matches_float64_reference(products, lengths, heads, kv_heads, dim):
         assert err <= max(4 * eager_err, 1e-6 * r.abs().max().item()), (name, err, eager_err)
 
 
-def test_large_scores_stay_finite_and_exact(products):
+def test_large_scores_stay_finite_and_exact(products, probs_budget):
     """Scores in the hundreds: the running maximum keeps exp in range."""
     q, k, v, cu = _inputs([[90, 40]], 2, 2, 32, scale=6.0, seed=3)
     grad = torch.ones(1, 130, 2, 32)
     want = _run(reference_segment_causal, q.double(), k.double(), v.double(), cu, None, grad.double())
-    got = _run(lambda *a: segment_causal(*a, products), q, k, v, cu, None, grad)
+    got = _run(lambda *a: segment_causal(*a, products, probs_budget), q, k, v, cu, None, grad)
     for g, r in zip(got, want):
         assert torch.isfinite(g).all()
         torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=2e-4)
@@ -124,6 +131,15 @@ def test_no_token_sees_another_sample(ops):
     for x, y in zip(a[1:], b[1:]):
         assert torch.equal(x[:, :, :50], y[:, :, :50])
         assert torch.count_nonzero(y[:, :, 50:]) == 0
+
+
+def test_kept_probabilities_follow_the_budget(ops):
+    """Kept exactly when they fit: 2 heads x (64*64 + 36*100) floats for one 100-token sample."""
+    q, k, v, cu = _inputs([[100]], 2, 2, 16)
+    need = 4 * 2 * (64 * 64 + 36 * 100)
+    for budget, kept in ((need, need // 4), (need - 1, 0)):
+        _, _, probs = ops.segment_causal_forward(*(t[0] for t in (q, k, v)), cu, 0.25, budget)
+        assert probs.numel() == kept
 
 
 def test_supported_inputs():
