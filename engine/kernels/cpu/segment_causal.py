@@ -23,7 +23,7 @@ import torch.nn.functional as F
 MAX_KEPT_PROBS_BYTES = 64 * 2**20
 """The forward keeps the attention probabilities for the backward (saving the recomputation of the
 scores, about a fifth of the backward's products) when they take at most this much per call: about
-n^2 / 2 floats per sample and head, 2.8 MiB for a 2,000-token row of ~170-token samples and 4
+n^2 / 2 floats per sample and head, about 4.4 MiB for a 2,000-token row of ~170-token samples and 4
 heads; long samples (one of 4,096 tokens with 32 heads: 1 GiB) recompute them instead."""
 
 
