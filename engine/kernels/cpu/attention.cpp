@@ -5,8 +5,9 @@
 // at most its 512-wide key block, so a causal sample costs as much as a non-causal one, and every
 // call allocates its own buffers. Here one call covers all samples: each sample's queries go in
 // blocks of QUERY_BLOCK rows, and a block meets only the keys up to its last query, so about half
-// the square plus a thin diagonal band is computed. Per block the scores [rows, keys] live in one
-// scratch buffer (rows x the longest sample) and every product is one BLAS call.
+// the square plus a thin diagonal band is computed. Per block the scores [rows, keys] are written
+// where the kept probabilities go (or into one scratch buffer, rows x the longest sample, when they
+// are not kept) and every product is one BLAS call.
 //
 // Forward keeps the log-sum-exp of every query and, when they fit the caller's budget, the
 // probabilities themselves (the causal part of each block: about n^2 / 2 floats per sample and
@@ -42,6 +43,10 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc) __attribute__((weak));
 
+// Set by segment_causal_use_aten_products: the products go through ATen even where sgemm exists
+// (the tests run both ways).
+bool aten_products = false;
+
 at::Tensor view_of(const float* data, int64_t rows, int64_t cols, int64_t ld) {
   return at::from_blob(const_cast<float*>(data), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(at::kFloat));
 }
@@ -49,9 +54,6 @@ at::Tensor view_of(const float* data, int64_t rows, int64_t cols, int64_t ld) {
 // Row-major c[m, n] = alpha op(a) op(b) + beta c, op(a) [m, k], op(b) [k, n]; leading dimensions
 // are row strides. On the column-major BLAS a row-major matrix is its own transpose, so the call
 // computes c^T = op(b)^T op(a)^T.
-// `aten` forces the second way (the tests run both).
-bool aten_products = false;
-
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (sgemm_ != nullptr && !aten_products) {

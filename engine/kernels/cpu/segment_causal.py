@@ -73,10 +73,12 @@ def segment_causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
 
 
 def reference_segment_causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                             cu_seqlens: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
-    """The same in float64 with one math-backend SDPA per sample (the tests' reference)."""
+                             cu_seqlens: torch.Tensor, scale: Optional[float],
+                             dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The same with one SDPA per sample in `dtype`: float64 is the tests' reference, float32 what
+    the model computed without the kernel."""
     batch, heads, length, dim = query.shape
-    q, k, v = (tokens_major(t).double() for t in (query, key, value))
+    q, k, v = (tokens_major(t).to(dtype) for t in (query, key, value))
     groups = heads // key.shape[1]
     k, v = k.repeat_interleave(groups, dim=0), v.repeat_interleave(groups, dim=0)
     bounds = cu_seqlens.tolist()

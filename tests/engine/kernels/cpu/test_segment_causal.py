@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from engine.kernels.cpu.segment_causal import MAX_KEPT_PROBS_BYTES, reference_segment_causal, segment_causal, supported
 
@@ -51,14 +50,7 @@ def _inputs(lengths_per_row, heads, kv_heads, dim, scale=1.0, hf_layout=True, se
 
 def _eager(q, k, v, cu, scale):
     """What the model computed before: one float32 SDPA per sample."""
-    batch, heads, length, dim = q.shape
-    groups = heads // k.shape[1]
-    flat = [t.permute(1, 0, 2, 3).reshape(t.shape[1], batch * length, dim) for t in (q, k, v)]
-    kk, vv = (t.repeat_interleave(groups, dim=0) for t in flat[1:])
-    bounds = cu.tolist()
-    pieces = [F.scaled_dot_product_attention(flat[0][:, a:b], kk[:, a:b], vv[:, a:b], is_causal=True, scale=scale)
-              for a, b in zip(bounds[:-1], bounds[1:])]
-    return torch.cat(pieces, dim=1).transpose(0, 1).reshape(batch, length, heads, dim)
+    return reference_segment_causal(q, k, v, cu, scale, dtype=torch.float32)
 
 
 def _run(fn, q, k, v, cu, scale, grad):
