@@ -87,6 +87,10 @@ class ModelConfig:
     kernel each (Llama, Mistral, Qwen2, Qwen3). auto: the C++ CPU kernels for float32 runs on CPU
     (built on first use, cached), the model as it is elsewhere; required: an error where they
     cannot be used."""
+    last_layer_target_rows: bool = True
+    """The last decoder layer's output projection and MLP run on rows with a target only: what
+    they compute for prompt and padding rows never reaches the loss, so the loss and every gradient
+    are unchanged (engine/last_layer_rows.py). false: every row, as the model's own forward."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapters instead of full-parameter training (on when lora.r > 0)."""
 

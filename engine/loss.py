@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from data_pipeline.schedule.labels import IGNORE_INDEX, shift_labels
 from engine.fused_head import install_fused_head
+from engine.last_layer_rows import LastLayerRows
 
 _UNSUPPORTED_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -71,6 +72,7 @@ class CausalLMWithMaskedLoss(torch.nn.Module):
     Going through one module forward keeps DeepSpeed's engine bookkeeping (ZeRO-3 parameter
     fetching, hooks) intact; `.lm` is the plain HF model for generation and export (its lm_head is
     a FusedLMHead when the fused loss applies, which is still a Linear with the same parameters).
+    `.last_layer` skips the last layer's prompt rows once installed (engine/last_layer_rows.py).
     """
 
     def __init__(self, lm, *, num_sources: int = 1, backend: str = "auto", strategy: str = "row_chunks",
@@ -79,6 +81,7 @@ class CausalLMWithMaskedLoss(torch.nn.Module):
         self.lm = lm
         self.num_sources = num_sources
         self.fused = fused_loss_supported(lm) if fused is None else fused
+        self.last_layer = LastLayerRows()
         if self.fused:  # the head stays lm's submodule only: one module path, unchanged state_dict keys
             install_fused_head(lm, num_sources=num_sources, backend=backend, strategy=strategy)
 
@@ -93,8 +96,9 @@ class CausalLMWithMaskedLoss(torch.nn.Module):
             targets = shift_labels(labels)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         inputs = {k: v for k, v in inputs.items() if v is not None}
-        if not self.fused:
-            return hf_path_loss_sums(self.lm, targets, source_index, self.num_sources, **inputs)
-        body = self.lm.get_decoder() if hasattr(self.lm, "get_decoder") else self.lm.base_model
-        hidden = body(**inputs, use_cache=False).last_hidden_state
+        with self.last_layer.only(targets):
+            if not self.fused:
+                return hf_path_loss_sums(self.lm, targets, source_index, self.num_sources, **inputs)
+            body = self.lm.get_decoder() if hasattr(self.lm, "get_decoder") else self.lm.base_model
+            hidden = body(**inputs, use_cache=False).last_hidden_state
         return self.lm.get_output_embeddings()(hidden, targets, source_index)  # FusedLMHead.forward

@@ -163,6 +163,8 @@ class Trainer:
             wrapped.lm = apply_lora(wrapped.lm, cfg.model.lora, base_path=cfg.model.path, seed=cfg.train.seed)
         if cfg.train.tiled_mlp:
             install_tiled_mlp(wrapped.lm, cfg.train.tiled_mlp)
+        if cfg.model.last_layer_target_rows:  # last: it wraps whatever forwards the layer has now
+            self.monitor.print(wrapped.last_layer.install(wrapped.lm).describe())
         self.n_trainable, self.n_params = parameter_counts(wrapped)
         self.sp = SequenceParallelLayout.of(ranks.rank, ranks.world_size, cfg.train.sequence_parallel)
         self.ulysses = UlyssesAttention(wrapped.lm, self.sp.size, cfg.train.micro_batch_size) if self.sp.enabled else None

@@ -4,7 +4,8 @@ Algorithm (forward computes the gradients too, as Liger-Kernel does):
   1. Rows whose label is ignore_index (prompt, padding) are dropped before any matmul: only kept
      row indices are carried, and each chunk gathers its rows with index_select.
   2. Kept rows are processed in chunks of `chunk_rows`. For each chunk, one fp32 [rows, V] logits
-     buffer is formed, reduced to the per-row loss, and turned in place into softmax - onehot.
+     buffer is formed, reduced to the per-row loss, and turned in place into softmax - onehot
+     (on CPU by one C++ kernel, kernels/cpu/vocab_major_ce.py, when the CPU ops are loaded).
   3. That buffer immediately yields the chunk's dH rows (scattered into a zero [N, d]) and is
      accumulated into a float32 dW (and dB), which the first chunk's product initialises; the next
      chunk reuses the buffer. No [N, V] or [kept, V] tensor ever exists.
@@ -19,6 +20,7 @@ computed, with no gradient buffers. strategy="vocab_blocks" runs the other algor
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -29,6 +31,7 @@ from engine.kernels.contract import (ChunkedResult, KernelArgumentError, NeededG
 from engine.kernels.mixed_precision_matmul import addmm_fp32_, matmul_operand, mm_fp32_into
 from engine.kernels.cpu.extension import loaded_body_ops
 from engine.kernels.cpu.linear import COLUMNS, INNER, available, gemm_into
+from engine.kernels.cpu.vocab_major_ce import vocab_major_cross_entropy_
 from engine.kernels.row_cross_entropy_torch import row_cross_entropy_torch_
 from engine.kernels.vocab_blocked_ce import default_block_columns, vocab_blocked_cross_entropy
 
@@ -80,14 +83,18 @@ def balanced_chunk_rows(n_kept: int, max_rows: int) -> int:
     return rounded if rounded <= max_rows else rows
 
 
-def row_cross_entropy_for(backend: str) -> RowCrossEntropy:
-    """The per-chunk loss/gradient step of `backend` ("torch" or "triton")."""
+def row_cross_entropy_for(backend: str, device: torch.device) -> RowCrossEntropy:
+    """The per-chunk loss/gradient step of `backend` ("torch" or "triton") on `device`: for torch on
+    CPU the C++ kernel (kernels/cpu/vocab_major_ce.py) when this process loaded the CPU ops."""
     if backend == "triton":
         # Imported here so that torch-only use never imports Triton (its interpreter mode is
         # fixed at first import).
         from engine.kernels.row_cross_entropy_triton import row_cross_entropy_triton_
 
         return row_cross_entropy_triton_
+    ops = loaded_body_ops() if device.type == "cpu" else None
+    if ops is not None:
+        return functools.partial(vocab_major_cross_entropy_, ops=ops)
     return row_cross_entropy_torch_
 
 
@@ -192,7 +199,8 @@ class _MaskedLinearCrossEntropy(torch.autograd.Function):
             result = vocab_blocked_cross_entropy(hidden, weight, bias, kept_rows, kept_labels, plan.chunk, plan.needed)
         else:
             result = chunked_cross_entropy(
-                hidden, weight, bias, kept_rows, kept_labels, plan.chunk, plan.needed, row_cross_entropy_for(plan.backend)
+                hidden, weight, bias, kept_rows, kept_labels, plan.chunk, plan.needed,
+                row_cross_entropy_for(plan.backend, hidden.device),
             )
         ctx.grads = (result.grad_hidden, result.grad_weight, result.grad_bias)
         if kept_groups is None:

@@ -95,7 +95,8 @@ def test_every_fused_kernel_runs(monkeypatch):
     # loss's one chunk (logits and dW; dH stays on the default BLAS), where oneDNN serves float32
     want = {"rms_norm_forward": 2 * layers + 1, "rms_norm_backward": 2 * layers + 1,
             "silu_mul_forward": layers, "silu_mul_backward": layers, "rope_apply": 4 * layers,
-            "segment_causal_forward": layers, "segment_causal_backward": layers}
+            "segment_causal_forward": layers, "segment_causal_backward": layers,
+            "vocab_major_cross_entropy_": 1}  # the fused loss's one chunk
     if linear.available():
         want["gemm_"] = 3 * 7 * layers + 2
     assert calls == want

@@ -1,4 +1,4 @@
-"""Build and load the C++ kernels of body_ops.cpp, gemm.cpp and attention.cpp (torch's JIT extension loader, cached per machine).
+"""Build and load the C++ kernels of body_ops.cpp, gemm.cpp, attention.cpp and cross_entropy.cpp (torch's JIT extension loader, cached per machine).
 
 The library is compiled for the CPU's vector capability as torch reports it (AVX-512, AVX2, or
 ATen's portable default) and the capability is part of its name, so nodes of different CPUs that
@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 from torch.utils.cpp_extension import get_default_build_root, load
 
-SOURCES = [Path(__file__).with_name(name) for name in ("body_ops.cpp", "gemm.cpp", "attention.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("body_ops.cpp", "gemm.cpp", "attention.cpp", "cross_entropy.cpp")]
 LIBRARY = "zhiling_cpu"
 DISABLE_ENV = "ZHILING_CPU_OPS"
 # Compiler flags per torch CPU capability: those torch builds its own kernels of that level with.
