@@ -100,7 +100,6 @@ class LastLayerRows:
             out = selected.new_zeros(flat.shape[0], selected.shape[-1]).index_copy(0, rows, selected)
             return out.view(*x.shape[:-1], selected.shape[-1])
 
-        rows_only_forward.rows_of = self
         return rows_only_forward
 
     def describe(self) -> str:

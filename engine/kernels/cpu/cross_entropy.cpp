@@ -24,7 +24,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 #include <vector>
 
