@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT))
+# Run as a script, this folder comes first on sys.path, and its kernels/ would shadow the installed
+# `kernels` package that transformers imports: the repository root takes its place.
+sys.path[:] = [str(REPO_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 ROWS, LENGTH, VOCAB = 8, 24, 300
 # Response tokens per row: very different per micro-batch, so a per-micro-batch mean would be wrong.

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT))
+# Run as a script, this folder comes first on sys.path, and its kernels/ would shadow the installed
+# `kernels` package that transformers imports: the repository root takes its place.
+sys.path[:] = [str(REPO_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from tests.engine.grad_probe import (LENGTH, RESPONSE_TOKENS, ROWS, VOCAB, full_gradients,  # noqa: E402
                                      exit_after_result, save_result, tiny_model)

@@ -64,6 +64,14 @@ def build_flags(level: str) -> list[str]:
     return COMMON_FLAGS + CAPABILITY_FLAGS[level] + [f"-DCPU_CAPABILITY={level}", f"-DCPU_CAPABILITY_{level}"]
 
 
+def build_failure_summary(text: str) -> str:
+    """The line of a failed build that says why: the compiler's first `error:` line when there is
+    one (torch's message starts with the whole compiler command, which hides it), else the first line."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()] or ["unknown error"]
+    errors = [line for line in lines if "error:" in line]
+    return (errors or lines)[0][:400]
+
+
 def library_name(level: str) -> str:
     return f"zhiling_cpu_body_ops_{level.lower()}"
 
@@ -88,8 +96,7 @@ def load_body_ops(say: Optional[Callable[[str], None]] = None):
         load(library_name(level), sources=[str(path) for path in SOURCES], extra_cflags=build_flags(level),
              is_python_module=False, verbose=False)
     except (OSError, RuntimeError, ImportError) as e:  # no compiler, failed build, unloadable library
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        _state.update(ops=None, reason=f"the C++ build failed: {first_line[:300]}")
+        _state.update(ops=None, reason=f"the C++ build failed: {build_failure_summary(str(e) or type(e).__name__)}")
         return None
     _state.update(ops=getattr(torch.ops, LIBRARY), reason=None)
     return _state["ops"]

@@ -138,8 +138,9 @@ def test_supported_inputs():
 
 @pytest.mark.parametrize("rows,chunk", [(700, None), (700, 300), (130, 64)])
 def test_fused_loss_on_onednn_products_matches_float64(ops, monkeypatch, rows, chunk):
-    """With the CPU ops loaded, the fused loss's chunk products run on gemm_ (counted) and still
-    match the float64 reference across block boundaries of the varying dimension."""
+    """With the CPU ops loaded, the fused loss's chunk products run on gemm_ and its per-row softmax
+    step on vocab_major_cross_entropy_ (both counted), and still match the float64 reference across
+    block boundaries of the varying dimension."""
     from engine.kernels.cpu import extension
     from tests.engine.kernels.cases import TOLERANCE, Case, measure_case
 
@@ -153,6 +154,6 @@ def test_fused_loss_on_onednn_products_matches_float64(ops, monkeypatch, rows, c
     monkeypatch.setitem(extension._state, "ops", Counting())
     case = Case("float32", rows, 5003, 0.3, True, chunk_size=chunk, hidden_size=96)
     result = measure_case(case, "torch")
-    assert calls and set(calls) == {"gemm_"}
+    assert set(calls) == {"gemm_", "vocab_major_cross_entropy_"}, calls
     too_large = {name: e for name, e in result["errors"].items() if not e <= TOLERANCE["float32"]}
     assert not too_large, too_large
